@@ -1,0 +1,153 @@
+"""A Llama-family causal language model in plain PyTorch (Llama 2/3.x, SmolLM/SmolLM2).
+
+Parameter names follow Hugging Face's LlamaForCausalLM exactly, so checkpoints load and save
+with no renaming. Two entry points:
+
+* `model(input_ids)`: input_ids [B, T] -> logits [B, T, V], a plain batch of equal lengths.
+* `model.forward_hidden(input_ids, cu_seqlens)`: packed input_ids [N] holding B sequences back to
+  back, cu_seqlens [B + 1] their cumulative lengths -> final hidden states [N, H] (after the last
+  norm, before lm_head). Training uses this: no compute on padding, and the fused log-prob
+  kernels take hidden states and `model.lm_head.weight` directly, so the [N, V] logits are never
+  materialized. `model.logits(hidden)` applies the head when they are wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rlvr_fast.model.attention import PackedBatch, varlen_causal_attention
+from rlvr_fast.model.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 whatever the activation dtype: bf16 squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, head_dim] for the given token positions, computed in fp32 then cast."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]; rotates the two halves of each head (HF's non-interleaved layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The transformer body: embeddings, decoder layers, final norm (HF's `model.*` names)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not a buffer: it must stay fp32 whatever dtype the weights are cast to, and it is
+        # derived from the config, never stored in checkpoints.
+        self._inv_freq = cfg.rope_inv_freq()
+
+    def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                       max_seqlen: int | None = None) -> torch.Tensor:
+        """Final hidden states. input_ids [B, T] -> [B, T, H]; packed [N] with cu_seqlens -> [N, H]."""
+        if input_ids.dim() == 2:
+            b, t = input_ids.shape
+            return self._run(input_ids.reshape(-1), PackedBatch.equal_length(b, t, input_ids.device)).view(b, t, -1)
+        if input_ids.dim() != 1 or cu_seqlens is None:
+            raise ValueError("forward_hidden takes input_ids [B, T], or packed input_ids [N] together with "
+                             f"cu_seqlens [B + 1]; got input_ids of shape {tuple(input_ids.shape)}")
+        if int(cu_seqlens[-1]) != input_ids.numel():
+            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but input_ids holds {input_ids.numel()} tokens")
+        return self._run(input_ids, PackedBatch.from_cu_seqlens(cu_seqlens.to(input_ids.device), max_seqlen))
+
+    def _run(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        inv_freq = self._inv_freq.to(x.device)
+        cos, sin = rotary_cos_sin(inv_freq, batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """Logits: input_ids [B, T] -> [B, T, V]; packed [N] with cu_seqlens -> [N, V]."""
+        return self.logits(self.forward_hidden(input_ids, cu_seqlens, max_seqlen))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
