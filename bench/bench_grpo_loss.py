@@ -1,0 +1,162 @@
+"""grpo_loss (on [B, T] log-probs) and fused_linear_grpo_loss (on hidden states) vs the naive
+PyTorch expressions, torch.compile of them, Liger-Kernel's fused GRPO loss, and the bare matmuls.
+
+    python bench/bench_grpo_loss.py                   # both tables
+    python bench/bench_grpo_loss.py --ops fused       # one of them
+
+Shapes: grpo_loss on B x T = 1024 x 1024 (1M tokens); fused on CPU B=8 T=256 H=576 V=49152
+fp32 (the trainer's model), on CUDA B=64 T=256 H=4096 V=128256 bf16. beta=0.04 with a
+reference, old log-probs given, loss_type grpo, ~10% padding. forward under no_grad.
+On CUDA grpo_loss also reports GB/s: minimal traffic is 16 B/token read in forward (logp, old,
+ref, mask) and 16 B/token more with the backward (write + read dL/dlogp, write the gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+
+VARIANTS = {"grpo": ["naive", "compiled", "ours"], "fused": ["naive", "compiled", "liger", "ours", "matmuls"]}
+MODES = ["fwd", "fwdbwd"]
+
+
+def parse():
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default="grpo,fused")
+    p.add_argument("--b", type=int, default=None, help="completions (default 1024 for grpo, 8 / 64 for fused)")
+    p.add_argument("--t", type=int, default=None, help="tokens per completion (default 1024 / 256)")
+    p.add_argument("--h", type=int, default=4096 if cuda else 576)
+    p.add_argument("--v", type=int, default=128256 if cuda else 49152)
+    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
+    p.add_argument("--reps", type=int, default=10 if cuda else 3)
+    p.add_argument("--no-write", action="store_true")
+    args, _ = p.parse_known_args()
+    return args
+
+
+def shape(op: str, a) -> tuple[int, int]:
+    cuda = torch.cuda.is_available()
+    b = a.b or (1024 if op == "grpo" else (64 if cuda else 8))
+    t = a.t or (1024 if op == "grpo" else 256)
+    return b, t
+
+
+def batch(b: int, t: int, device: str, logp: torch.Tensor | None = None):
+    g = torch.Generator(device=device).manual_seed(0)
+    if logp is None:
+        logp = -torch.rand(b, t, device=device, generator=g) * 3
+    old = logp + torch.randn(b, t, device=device, generator=g) * 0.1
+    ref = logp + torch.randn(b, t, device=device, generator=g) * 0.1
+    adv = torch.randn(b, device=device, generator=g)
+    lengths = torch.randint(int(0.8 * t), t + 1, (b,), device=device, generator=g)
+    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).float()
+    return logp, old, ref, adv, mask
+
+
+def make(variant: str, mode: str, device: str):
+    from rlvr_fast.kernels import fused_linear_grpo_loss, grpo_loss
+    from rlvr_fast.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
+
+    a = parse()
+    op_name = sys.argv[sys.argv.index("--op") + 1]
+    b, t = shape(op_name, a)
+    fwd_only = mode == "fwd"
+    if op_name == "grpo":
+        logp, old, ref, adv, mask = batch(b, t, device)
+        logp.requires_grad_(not fwd_only)
+        inputs = [logp]
+        op = {"naive": grpo_loss_ref, "ours": grpo_loss, "compiled": torch.compile(grpo_loss_ref)}[variant]
+        call = lambda: op(logp, old, ref, adv, mask, beta=0.04)[0]  # noqa: E731
+    else:
+        dtype = getattr(torch, a.dtype)
+        g = torch.Generator(device=device).manual_seed(1)
+        h = torch.randn(b, t, a.h, device=device, generator=g).to(dtype)
+        w = (torch.randn(a.v, a.h, device=device, generator=g) * a.h ** -0.5).to(dtype)
+        y = torch.randint(0, a.v, (b, t), device=device, generator=g)
+        _, old, ref, adv, mask = batch(b, t, device, logp=-torch.rand(b, t, device=device) * 3)
+        h.requires_grad_(not fwd_only)
+        w.requires_grad_(not fwd_only)
+        inputs = [h, w]
+        if variant == "matmuls":
+            hd, wd = h.detach().view(b * t, a.h), w.detach()
+            logits = hd @ wd.T
+            if fwd_only:
+                return (lambda: hd @ wd.T), {}
+            return (lambda: (hd @ wd.T, logits @ wd, logits.T @ hd)), {}
+        if variant == "liger":
+            try:
+                from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+            except ImportError:
+                return None, {"skip": "not installed"}
+            loss_fn = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=False, loss_type="grpo")
+            call = lambda: loss_fn(h, w, y, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]  # noqa: E731
+        else:
+            op = {"naive": fused_linear_grpo_loss_ref, "ours": fused_linear_grpo_loss,
+                  "compiled": torch.compile(fused_linear_grpo_loss_ref)}[variant]
+            call = lambda: op(h, w, y, old, ref, adv, mask, beta=0.04)[0]  # noqa: E731
+
+    def run():
+        if fwd_only:
+            with torch.no_grad():
+                return call()
+        return torch.autograd.grad(call(), inputs)
+    return run, {}
+
+
+def main():
+    a = parse()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for op in a.ops.split(","):
+        b, t = shape(op, a)
+        variants = VARIANTS[op]
+        print(f"bench_grpo_loss [{op}] on {device}: B={b} T={t}", file=sys.stderr)
+        res = run_all(os.path.abspath(__file__), variants, MODES, device, a.reps, ["--op", op, *sys.argv[1:]])
+        get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
+        header = ["variant", "fwd ms", "fwd peak extra MiB", "fwd+bwd ms", "fwd+bwd peak extra MiB",
+                  "fwd time / naive", "fwd+bwd time / naive", "fwd+bwd memory / naive"]
+        if op == "fused":
+            header.append("fwd+bwd time / 3 matmuls")
+        if op == "grpo" and device == "cuda":
+            header += ["fwd GB/s", "fwd+bwd GB/s"]
+        rows = []
+        for v in variants:
+            skip = res[v, "fwd"].get("skip")
+            if skip:
+                rows.append([v, skip] + ["-"] * (len(header) - 2))
+                continue
+            row = [v, fmt_ms(get(v, "fwd", "time")), fmt_mib(get(v, "fwd", "mem")),
+                   fmt_ms(get(v, "fwdbwd", "time")), fmt_mib(get(v, "fwdbwd", "mem")),
+                   ratio(get(v, "fwd", "time"), get("naive", "fwd", "time")),
+                   ratio(get(v, "fwdbwd", "time"), get("naive", "fwdbwd", "time")),
+                   ratio(get(v, "fwdbwd", "mem"), get("naive", "fwdbwd", "mem"), 3)]
+            if op == "fused":
+                row.append(ratio(get(v, "fwdbwd", "time"), get("matmuls", "fwdbwd", "time")))
+            if op == "grpo" and device == "cuda":
+                row += [f"{16 * b * t / get(v, 'fwd', 'time') / 1e9:.0f}",
+                        f"{32 * b * t / get(v, 'fwdbwd', 'time') / 1e9:.0f}"]
+            rows.append(row)
+        if op == "grpo":
+            title, what = "grpo_loss", f"grpo_loss on [B, T] = [{b}, {t}] fp32 log-probs"
+        else:
+            title, what = "fused_linear_grpo_loss", f"fused_linear_grpo_loss, B={b} T={t} H={a.h} V={a.v} {a.dtype}"
+        body = (f"{what} on {device}. naive = kernels/reference.py (log_softmax of the full logits for the fused "
+                f"op); compiled = torch.compile of it; liger = LigerFusedLinearGRPOLoss; fwd under no_grad.\n\n"
+                + markdown_table(header, rows))
+        print(body)
+        if not a.no_write:
+            append_results(title, body, device)
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        from common import child
+        child(make)
+    else:
+        main()

@@ -1,0 +1,122 @@
+"""Shared plumbing for the kernels: the guarded Triton import, backend choice, logging, checks.
+
+Nothing here does math. Every public function takes ``backend="auto" | "triton" | "torch"``:
+
+* ``"auto"``: the compiled Triton kernels for CUDA tensors (when Triton is installed), the
+  PyTorch path otherwise. The Triton interpreter is for tests, never picked automatically.
+* ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
+* ``"torch"``: the PyTorch path on any device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+
+import torch
+
+try:  # Triton is optional: without it the package imports and runs its PyTorch paths.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    HAS_TRITON = False
+
+    def _jit(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    # Just enough for the `@triton.jit` definitions (and their `tl.constexpr` annotations) to
+    # be evaluated at import time; they are never called without Triton.
+    triton = types.SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))
+    tl = types.SimpleNamespace(constexpr=object)
+
+log = logging.getLogger("rlvr_fast.kernels")
+_LOGGED: set[tuple[str, str]] = set()
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (set before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_backend(op: str, backend: str, device: torch.device) -> str:
+    """Resolve `backend` for tensors on `device` and log once per (op, backend) which one runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
+    elif backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{op}: backend='triton' but triton is not installed; use backend='torch' "
+                               "or 'auto' (pip install triton on a CUDA machine)")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors (got {device}); on CPU use "
+                               "backend='torch', or set TRITON_INTERPRET=1 before importing triton (tests only)")
+    if (op, backend) not in _LOGGED:
+        _LOGGED.add((op, backend))
+        log.info("%s: using the %s backend (%s tensors)", op, backend, device.type)
+    return backend
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(op: str, name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_index(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: {name} must be an int64 (or int32) tensor of token ids, got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {str(v.device) for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    return next(iter(present.values())).device
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], hint: str = "") -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}{hint}")
+
+
+def check_temperature(op: str, temperature: float) -> float:
+    if isinstance(temperature, torch.Tensor) or not float(temperature) > 0:
+        raise ValueError(f"{op}: temperature must be a positive Python float, got {temperature!r}")
+    return float(temperature)
+
+
+def as_rows(op: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    """View x [..., V] as [A, B, V] (rows = A * B) without copying; raise if that needs a copy.
+
+    Two row levels cover a contiguous tensor (A = 1) and the common slice ``logits[:, :-1]`` of
+    a [batch, time, V] tensor. A silent .contiguous() would allocate a second [.., V] tensor,
+    the very thing these kernels exist to avoid, so anything else is the caller's decision.
+    """
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: {name} must have a non-empty last (vocabulary) dimension, got {list(x.shape)}")
+    if x.stride(-1) != 1 and x.numel() > x.shape[-1]:
+        raise ValueError(f"{op}: {name} must have a contiguous last dimension (stride 1), got strides "
+                         f"{tuple(x.stride())}; pass {name}.contiguous()")
+    v = x.shape[-1]
+    try:
+        return x.view(1, -1, v)
+    except RuntimeError:
+        pass
+    try:
+        return x.view(-1, x.shape[-2], v)
+    except RuntimeError:
+        raise ValueError(f"{op}: {name} with shape {list(x.shape)} and strides {tuple(x.stride())} cannot be "
+                         f"viewed as [A, B, V] rows without a copy; pass {name}.contiguous()") from None

@@ -1,0 +1,72 @@
+"""Package-level behaviour of rlvr_fast.kernels: dispatch, logging, and life without triton."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import rlvr_fast.kernels as K
+from rlvr_fast.kernels import _common
+
+
+def test_public_api():
+    assert set(K.__all__) >= {"token_logprobs", "linear_token_logprobs", "grpo_loss", "fused_linear_grpo_loss"}
+
+
+def test_dispatch_logs_once_per_op_and_backend(caplog, monkeypatch):
+    monkeypatch.setattr(_common, "_LOGGED", set())
+    x, y = torch.randn(3, 7), torch.randint(0, 7, (3,))
+    with caplog.at_level(logging.INFO, logger="rlvr_fast.kernels"):
+        for _ in range(2):
+            K.token_logprobs(x, y)                    # auto on CPU -> torch
+            K.token_logprobs(x, y, backend="triton")  # interpreter (tests only)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "rlvr_fast.kernels"]
+    assert msgs == ["token_logprobs: using the torch backend (cpu tensors)",
+                    "token_logprobs: using the triton backend (cpu tensors)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only dispatch check")
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        K.token_logprobs(torch.randn(3, 7), torch.randint(0, 7, (3,)), backend="triton")
+
+
+def test_runs_without_triton_installed():
+    """Block `import triton` in a fresh interpreter: the package imports and its CPU paths work."""
+    code = textwrap.dedent("""
+        import sys
+        class NoTriton:
+            def find_spec(self, name, path=None, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ImportError("triton blocked for this test")
+        sys.meta_path.insert(0, NoTriton())
+        import torch
+        import rlvr_fast.kernels as K
+        from rlvr_fast.kernels import reference as R
+        assert not K.HAS_TRITON and "triton" not in sys.modules
+        h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+        y = torch.randint(0, 11, (2, 3))
+        lp = K.linear_token_logprobs(h, w, y.view(-1))
+        torch.testing.assert_close(lp, R.linear_token_logprobs_ref(h, w, y.view(-1)))
+        torch.testing.assert_close(K.token_logprobs(h @ w.T, y.view(-1)), lp)
+        mask, adv = torch.ones(2, 3), torch.tensor([1.0, -1.0])
+        loss, stats = K.fused_linear_grpo_loss(h, w, y, None, lp.detach().view(2, 3), adv, mask)
+        loss.backward()
+        loss2, _ = K.grpo_loss(lp.view(2, 3), None, lp.detach().view(2, 3), adv, mask)
+        torch.testing.assert_close(loss, loss2)
+        try:
+            K.token_logprobs(h @ w.T, y.view(-1), backend="triton")
+        except RuntimeError as e:
+            assert "triton is not installed" in str(e)
+        else:
+            raise AssertionError("backend='triton' without triton must raise")
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
