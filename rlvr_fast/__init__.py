@@ -13,6 +13,7 @@ import torch
 
 from rlvr_fast.checkpoint import CheckpointError, load_model, save_pretrained
 from rlvr_fast.model import LlamaConfig, LlamaForCausalLM
+from rlvr_fast.rollout import RolloutEngine, SamplingParams
 from rlvr_fast.tokenizer import Tokenizer, TokenizerError
 
 __version__ = "0.1.0"
@@ -29,5 +30,5 @@ def load_pretrained(path: str | Path | None = None, *, device: str | torch.devic
     return model, Tokenizer.from_dir(path)
 
 
-__all__ = ["CheckpointError", "LlamaConfig", "LlamaForCausalLM", "Tokenizer", "TokenizerError",
-           "load_pretrained", "save_pretrained"]
+__all__ = ["CheckpointError", "LlamaConfig", "LlamaForCausalLM", "RolloutEngine", "SamplingParams", "Tokenizer",
+           "TokenizerError", "load_pretrained", "save_pretrained"]

@@ -12,6 +12,11 @@ padding at all. Only attention needs to know the sequence boundaries:
   every real query away from the padding keys, so no extra mask is needed.
 
 The backend is chosen per call from the tensors, and logged once.
+
+Generation adds a paged KV cache (`KVCacheContext`): every layer writes the keys/values of the new
+tokens into cache blocks, then either attends among the new tokens with the varlen path above
+(prefill: the new tokens are whole sequences) or reads each sequence's cached blocks (decode: one
+new token per sequence, `paged_attention`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,36 @@ class PackedBatch:
     def equal_length(cls, batch: int, seqlen: int, device: torch.device) -> "PackedBatch":
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
         return cls.from_cu_seqlens(cu, seqlen)
+
+
+@dataclass
+class KVCacheContext:
+    """Where one forward pass reads and writes the paged KV cache; built by the rollout engine.
+
+    Cache tensors hold every layer: [num_layers, num_blocks, block_size, kv_heads, head_dim].
+    """
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor          # [N] int64: cache slot (block * block_size + offset) of each new token
+    positions: torch.Tensor             # [N] int64: rotary position of each new token
+    prefill: PackedBatch | None = None  # prefill: new tokens are whole sequences, attend among themselves
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # decode: [B] int32, cached tokens incl. the new one
+    max_context_len: int | None = None  # decode: host copy of context_lens.max() (None: read it when needed)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this layer's new k/v [N, Hkv, D] into the cache, then attention for q [N, Hq, D]."""
+        # Imported here: the kernels package imports torch only, but keeps model import light.
+        from rlvr_fast.kernels.paged_attention import paged_attention
+        from rlvr_fast.kernels.paged_kv import write_kv
+
+        k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        if self.prefill is not None:
+            return varlen_causal_attention(q, k, v, self.prefill)
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens,
+                               max_context_len=self.max_context_len)
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

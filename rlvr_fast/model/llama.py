@@ -9,6 +9,8 @@ with no renaming. Two entry points:
   norm, before lm_head). Training uses this: no compute on padding, and the fused log-prob
   kernels take hidden states and `model.lm_head.weight` directly, so the [N, V] logits are never
   materialized. `model.logits(hidden)` applies the head when they are wanted.
+* `model.forward_cached(input_ids, cache)`: the rollout engine's entry point; packed new tokens
+  [N] plus a KVCacheContext (paged KV cache, slots, positions) -> hidden states [N, H].
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rlvr_fast.model.attention import PackedBatch, varlen_causal_attention
+from rlvr_fast.model.attention import KVCacheContext, PackedBatch, varlen_causal_attention
 from rlvr_fast.model.config import LlamaConfig
 
 
@@ -49,8 +51,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which slice of a KV cache this layer owns
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
@@ -58,13 +61,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch | None,
+                cache: KVCacheContext | None = None) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
+        if cache is None:
+            out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
+        else:
+            out = cache.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -81,15 +88,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch | None,
+                cache: KVCacheContext | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -99,7 +107,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -128,12 +136,18 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but input_ids holds {input_ids.numel()} tokens")
         return self._run(input_ids, PackedBatch.from_cu_seqlens(cu_seqlens.to(input_ids.device), max_seqlen))
 
-    def _run(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCacheContext) -> torch.Tensor:
+        """Hidden states [N, H] of the packed new tokens input_ids [N], reading/writing the paged KV cache."""
+        return self._run(input_ids, cache.prefill, cache)
+
+    def _run(self, input_ids: torch.Tensor, batch: PackedBatch | None,
+             cache: KVCacheContext | None = None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         inv_freq = self._inv_freq.to(x.device)
-        cos, sin = rotary_cos_sin(inv_freq, batch.positions, x.dtype)
+        positions = cache.positions if cache is not None else batch.positions
+        cos, sin = rotary_cos_sin(inv_freq, positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch)
+            x = layer(x, cos, sin, batch, cache)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

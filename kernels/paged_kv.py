@@ -1,0 +1,100 @@
+"""Write new keys and values into a paged KV cache.
+
+    k_cache[slot // block_size, slot % block_size] = k[i]     for i, slot in enumerate(slot_mapping)
+    v_cache[...]                                   = v[i]
+
+k, v [N, kv_heads, D]; caches [num_blocks, block_size, kv_heads, D]; slot_mapping [N] int64.
+A negative slot means "skip this token": CUDA-graph decode batches are padded to a captured size
+and the padding rows must not write anywhere. Memory traffic: 2 * N * kv_heads * D elements read
+and written; the kernel is a pure copy, one program per token.
+
+Backends: CUDA tensors -> the Triton kernel; CPU tensors -> `index_copy_` (paged_reference.write_kv_ref).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rlvr_fast.kernels.paged_reference import write_kv_ref
+
+try:  # triton is optional: CPU-only installs run the PyTorch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+log = logging.getLogger("rlvr_fast")
+_logged: set[str] = set()
+
+
+def _log_once(name: str) -> None:
+    if name not in _logged:
+        _logged.add(name)
+        log.info("paged KV write backend: %s", name)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         stride_kn, stride_kh, stride_vn, stride_vh,
+                         stride_cb, stride_cs, stride_ch,
+                         block_size, num_heads, head_dim,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        i = tl.program_id(0)
+        slot = tl.load(slot_ptr + i)
+        if slot >= 0:
+            blk = slot // block_size
+            off = slot % block_size
+            h = tl.arange(0, BLOCK_H)[:, None]
+            d = tl.arange(0, BLOCK_D)[None, :]
+            mask = (h < num_heads) & (d < head_dim)
+            k = tl.load(k_ptr + i * stride_kn + h * stride_kh + d, mask=mask)
+            v = tl.load(v_ptr + i * stride_vn + h * stride_vh + d, mask=mask)
+            dst = blk * stride_cb + off * stride_cs + h * stride_ch + d
+            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def _write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    n, hkv, d = k.shape
+    # The kernel assumes unit stride along head_dim and identical cache layouts.
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k/v must be contiguous along head_dim"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1, "caches must share a dense layout"
+    assert k_cache.shape[2:] == (hkv, d) and v.shape == k.shape
+    assert slot_mapping.shape == (n,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    if n == 0:
+        return
+    _write_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], hkv, d,
+        BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
+    )
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, backend: str = "auto") -> None:
+    """Scatter k, v [N, kv_heads, D] into the paged caches at slot_mapping [N] (negative = skip).
+
+    backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (also under TRITON_INTERPRET=1), "torch".
+    """
+    if backend == "auto":
+        backend = "triton" if (k.is_cuda and triton is not None) else "torch"
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("write_kv(backend='triton') needs the triton package")
+        _log_once("triton")
+        _write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    elif backend == "torch":
+        _log_once("torch index_copy_")
+        keep = slot_mapping >= 0
+        if not bool(keep.all()):
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping.long())
+    else:
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

@@ -1,0 +1,1 @@
+"""GRPO: advantages and the training loop."""

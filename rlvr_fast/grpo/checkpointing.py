@@ -1,0 +1,54 @@
+"""Checkpoints of a run: HF-layout weights plus the trainer state needed to continue bit for bit.
+
+OUTPUT/checkpoint-STEP/ holds the model (config.json, safetensors, tokenizer files: loadable by
+transformers and by --model) and trainer_state.pt (optimizer, schedule, RNG states, step, task
+state such as the curriculum level and the data position). Each checkpoint is written under a
+temporary name and renamed into place, then OUTPUT/latest is replaced atomically; a run killed at
+any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlvr_fast.checkpoint import save_pretrained
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+
+
+def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
+    path = output / f"checkpoint-{step}"
+    save_pretrained(model, tokenizer, path)  # atomic on its own
+    tmp_state = path / (STATE_FILE + ".tmp")
+    torch.save(state, tmp_state)
+    os.replace(tmp_state, path / STATE_FILE)
+    tmp_latest = output / (LATEST + ".tmp")
+    tmp_latest.write_text(path.name + "\n")
+    os.replace(tmp_latest, output / LATEST)
+    _prune(output, keep, current=path)
+    return path
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    pointer = output / LATEST
+    if not pointer.is_file():
+        return None
+    path = output / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _prune(output: Path, keep: int, current: Path) -> None:
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    for old in checkpoints[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)

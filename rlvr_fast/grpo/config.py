@@ -1,0 +1,97 @@
+"""TrainConfig: every option of a GRPO run, with its default and its command-line help.
+
+The command line (`python -m rlvr_fast.train`) is generated from these fields: a field `max_new_tokens`
+is the flag `--max-new-tokens`, its `help` metadata the help text. A TOML or YAML file (`--config`)
+holds the same names (either spelling); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # what to train
+    task: str = opt("multiply", "task name (multiply, or one registered with rlvr_fast.tasks.register_task)")
+    model: str | None = opt(None, "HF-layout Llama directory; default: the embedded SmolLM2-135M-Instruct")
+    digits: tuple[int, int] = opt((2, 1), "multiply: operand sizes A B of the target (the blog used 4 2)", nargs=2)
+    curriculum: bool = opt(True, "multiply: start at 1x1 digits and grow towards --digits as accuracy rises")
+    promote_at: float = opt(0.6, "multiply: rolling training accuracy that moves the curriculum up a level")
+    format_weight: float = opt(0.1, "weight of the format reward (answer line present, any number)")
+    # rollout
+    steps: int = opt(40, "optimizer steps")
+    prompts_per_step: int = opt(4, "prompts sampled per step (P)")
+    group_size: int = opt(8, "completions per prompt (G)")
+    max_new_tokens: int = opt(64, "completion length limit")
+    temperature: float = opt(1.0, "sampling temperature for rollouts")
+    top_p: float = opt(1.0, "nucleus sampling for rollouts")
+    # objective
+    lr: float = opt(2e-5, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(2, "linear warm-up steps")
+    schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    beta: float = opt(0.04, "KL penalty weight towards the frozen reference (0 = no reference model)")
+    clip_low: float = opt(0.2, "PPO clip: ratio lower bound 1 - clip_low")
+    clip_high: float = opt(0.2, "PPO clip: ratio upper bound 1 + clip_high (DAPO raises it)")
+    loss_type: str = opt("grpo", "loss aggregation over tokens", choices=LOSS_TYPES)
+    scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
+    num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
+    micro_batch_tokens: int = opt(4096, "token budget of one forward/backward micro-batch")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
+    # machine
+    dtype: str = opt("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16", choices=("auto", "float32", "bfloat16"))
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    seed: int = opt(0, "seed for data, sampling and initialisation")
+    # evaluation and output
+    eval_every: int = opt(10, "evaluate every N steps (0 = only before and after)")
+    eval_size: int = opt(64, "held-out problems per evaluation")
+    save_every: int = opt(20, "checkpoint every N steps (0 = only at the end)")
+    sample_every: int = opt(5, "write a few completions to samples.jsonl every N steps")
+    output: str = opt("runs/multiply", "output directory (metrics, samples, checkpoints, plot)")
+    resume: str | None = opt(None, "continue the run saved in this output directory")
+    strict_rewards: bool = opt(False, "stop when a reward function raises (default: score 0 and count it)")
+    max_bad_steps: int = opt(3, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
+                    "micro_batch_tokens", "eval_size", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "sample_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        checks = [
+            (self.temperature > 0, "--temperature must be > 0 for GRPO rollouts (sampling needs a spread)"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (self.beta >= 0, "--beta must be >= 0"),
+            (0 <= self.clip_low < 1, "--clip-low must be in [0, 1)"),
+            (self.clip_high >= 0, "--clip-high must be >= 0"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (self.group_size >= 2, "--group-size must be >= 2: advantages compare completions within a group"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, f.name)!r}")
+        self.digits = tuple(int(d) for d in self.digits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

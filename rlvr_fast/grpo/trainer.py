@@ -1,0 +1,366 @@
+"""The GRPO loop. One step:
+
+1. Sample P problems; the rollout engine draws G completions each with the current weights
+   (the engine holds the same model object: nothing is copied or synced).
+2. Score every completion with the task's rule (components kept apart, e.g. correct / format).
+3. Advantages within each group; groups whose rewards are all equal carry no signal and are
+   dropped before any training compute is spent on them.
+4. Reference log-probs (beta > 0) from a frozen copy of the initial weights, and old log-probs
+   (num_iterations > 1), both under no_grad with the fused kernels.
+5. Policy update: packed micro-batches under a token budget, `fused_linear_grpo_loss` on the
+   hidden states (the [tokens, vocab] logits never exist), gradient accumulation weighted so the
+   result equals one big batch, clipping, AdamW with warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlvr_fast.grpo.advantages import group_advantages
+from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
+from rlvr_fast.grpo.checkpointing import latest_checkpoint, load_state, save_checkpoint
+from rlvr_fast.grpo.config import TrainConfig
+from rlvr_fast.grpo.report import JsonlWriter, format_duration, progress_line, write_plot
+from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
+from rlvr_fast.rollout import RolloutEngine, SamplingParams
+from rlvr_fast.tasks.base import Problem, total_reward
+
+log = logging.getLogger("rlvr_fast")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated NaN/Inf updates, a strict reward failure)."""
+
+
+@dataclass
+class Rollout:
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    completions: list[list[Any]]  # [P][G] engine completions
+    components: list[list[dict[str, float]]]  # [P][G]
+    rewards: torch.Tensor  # [P, G]
+    reward_errors: int
+    seconds: float
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: TrainConfig, model, tokenizer, task, output: Path, device: torch.device,
+                 ref_model=None, engine: RolloutEngine | None = None):
+        self.cfg, self.model, self.tokenizer, self.task, self.output, self.device = cfg, model, tokenizer, task, output, device
+        self.ref_model = None
+        if cfg.beta > 0:  # frozen initial weights; a resumed run passes them in, loaded from --model
+            self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
+        self.engine = engine or RolloutEngine(model, tokenizer)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
+        self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
+        self.step = 0
+        self.bad_steps = 0
+        self.reward_error_shown = False
+        self.metrics = JsonlWriter(output / "metrics.jsonl")
+        self.samples = JsonlWriter(output / "samples.jsonl")
+        self.evals = JsonlWriter(output / "eval.jsonl")
+
+    # ---- schedule -------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * self._lr_factor(step)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    # ---- rollout and rewards -------------------------------------------------------------
+
+    def encode_prompt(self, problem: Problem) -> list[int]:
+        text = self.tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def score(self, problem: Problem, text: str) -> tuple[dict[str, float], bool]:
+        try:
+            return self.task.score(problem, text), False
+        except Exception:
+            if self.cfg.strict_rewards:
+                raise TrainingError("the reward function raised (and --strict-rewards is set):\n" + traceback.format_exc())
+            if not self.reward_error_shown:
+                self.reward_error_shown = True
+                log.error("reward function raised; the completion scores 0 (further errors are only counted):\n%s",
+                          traceback.format_exc())
+            return {}, True
+
+    def rollout(self, problems: list[Problem], params: SamplingParams, n: int) -> Rollout:
+        start = time.perf_counter()
+        prompt_ids = [self.encode_prompt(p) for p in problems]
+        self.model.eval()
+        with torch.no_grad():
+            completions = self.engine.generate(prompt_ids, params, n=n)
+        components, errors = [], 0
+        for problem, group in zip(problems, completions):
+            row = []
+            for c in group:
+                comp, failed = self.score(problem, c.text)
+                errors += failed
+                row.append(comp)
+            components.append(row)
+        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components])
+        return Rollout(problems, prompt_ids, completions, components, rewards, errors, time.perf_counter() - start)
+
+    # ---- log-probs and the update --------------------------------------------------------
+
+    def _hidden(self, model, mb: MicroBatch) -> torch.Tensor:
+        hidden = model.forward_hidden(mb.input_ids, mb.cu_seqlens, mb.max_seqlen)
+        return mb.gather(hidden)  # [B, T, H]
+
+    @torch.no_grad()
+    def token_logprobs(self, model, micro_batches: list[MicroBatch], total: int) -> torch.Tensor:
+        """Per-token log-probs [num_samples, T_max] of the step's completions under `model`."""
+        t_max = max(mb.targets.shape[1] for mb in micro_batches)
+        out = torch.zeros(total, t_max, device=self.device)
+        for mb in micro_batches:
+            hidden = self._hidden(model, mb)
+            b, t, h = hidden.shape
+            lp = linear_token_logprobs(hidden.reshape(b * t, h), model.lm_head.weight, mb.targets.reshape(-1),
+                                       temperature=self.cfg.temperature).view(b, t)
+            rows = torch.tensor([s.index for s in mb.samples], device=self.device)
+            out[rows, :t] = lp * mb.mask
+        return out
+
+    def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
+               num_samples: int, num_tokens: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0}
+        for mb in micro_batches:
+            rows = torch.tensor([s.index for s in mb.samples], device=self.device)
+            t = mb.targets.shape[1]
+            pick = lambda lp: None if lp is None else lp[rows, :t].contiguous()
+            hidden = self._hidden(self.model, mb)
+            loss, stats = fused_linear_grpo_loss(
+                hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
+                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
+                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens)
+            # Weight each micro-batch so the accumulated gradient equals the full batch's:
+            # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens.
+            share = mb.num_tokens / num_tokens if cfg.loss_type == "bnpo" else len(mb.samples) / num_samples
+            (loss * share).backward()
+            token_share = mb.num_tokens / num_tokens
+            sums["loss"] += float(loss.detach()) * share
+            for key, stat in (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac")):
+                sums[key] += float(stats[stat]) * token_share
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
+                        self.step + 1, sums["loss"], float(grad_norm), self.bad_steps)
+        return {**sums, "grad_norm": float(grad_norm), "skipped_update": not finite}
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        level = getattr(self.task, "current_digits", None)
+        problems = self.task.sample(self.rng, cfg.prompts_per_step)
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed * 1_000_003 + self.step)
+        ro = self.rollout(problems, params, cfg.group_size)
+        adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
+
+        samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0)
+                   for i, group in enumerate(ro.completions) if not zero_std[i] for j, c in enumerate(group)]
+        for k, s in enumerate(samples):
+            s.index = k
+        micro_batches = [make_micro_batch(b).to(self.device) for b in split_by_tokens(samples, cfg.micro_batch_tokens)]
+        t_ref = t_update = 0.0
+        upd = {"loss": 0.0, "kl": 0.0, "ratio": 1.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0, "skipped_update": False}
+        if samples:
+            num_tokens = sum(mb.num_tokens for mb in micro_batches)
+            t1 = time.perf_counter()
+            ref_lp = self.token_logprobs(self.ref_model, micro_batches, len(samples)) if self.ref_model is not None else None
+            old_lp = None
+            if cfg.num_iterations > 1:
+                self.model.eval()
+                old_lp = self.token_logprobs(self.model, micro_batches, len(samples))
+            t_ref = time.perf_counter() - t1
+            for _ in range(cfg.num_iterations):
+                upd = self.update(micro_batches, ref_lp, old_lp, len(samples), num_tokens)
+            t_update = time.perf_counter() - t1 - t_ref
+        self.step += 1
+
+        correct = [c.get("correct", 0.0) for row in ro.components for c in row]
+        promoted = self.task.observe(correct) if hasattr(self.task, "observe") else False
+        lengths = [len(c.token_ids) for group in ro.completions for c in group]
+        gen_tokens = sum(lengths)
+        sampled_lp = [lp for group in ro.completions for c in group for lp in c.logprobs]
+        train_tokens = sum(s.length for s in samples) * cfg.num_iterations
+        names = sorted({k for row in ro.components for c in row for k in c})
+        m = {
+            "step": self.step,
+            "reward_mean": float(ro.rewards.mean()),
+            "reward_std": float(ro.rewards.std()) if ro.rewards.numel() > 1 else 0.0,
+            **{f"reward_{k}": sum(c.get(k, 0.0) for row in ro.components for c in row) / ro.rewards.numel() for k in names},
+            "accuracy": sum(correct) / len(correct),
+            "format_rate": sum(c.get("format", 0.0) for row in ro.components for c in row) / ro.rewards.numel(),
+            "reward_errors": ro.reward_errors,
+            "zero_std_groups": int(zero_std.sum()),
+            "completion_len_mean": gen_tokens / len(lengths),
+            "completion_len_max": max(lengths),
+            "truncated_frac": sum(c.finish_reason == "length" for g in ro.completions for c in g) / len(lengths),
+            "kl": upd["kl"], "loss": upd["loss"], "ratio_mean": upd["ratio"],
+            "clip_low_frac": upd["clip_low"], "clip_high_frac": upd["clip_high"],
+            "entropy": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate: mean -log p of sampled tokens
+            "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
+            "lr": self.lr_at(self.step - 1),
+            "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
+            "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if samples else 0.0,
+            "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
+            "step_time_s": time.perf_counter() - t0,
+            "peak_memory_gb": peak_memory_gb(self.device),
+        }
+        if level is not None:
+            m["level"] = list(level)
+            m["promoted"] = promoted
+        self.metrics.write(m)
+        if self.bad_steps >= cfg.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
+                                "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            for problem, group, comps in list(zip(ro.problems, ro.completions, ro.components))[:2]:
+                for c, comp in list(zip(group, comps))[:2]:
+                    self.samples.write({"step": self.step, "prompt": problem.messages[-1]["content"], "answer": problem.answer,
+                                        "completion": c.text, "reward": total_reward(comp, self.task.reward_weights), **comp})
+        return m
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, problems: list[Problem], label: str) -> dict[str, Any]:
+        params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
+        ro = self.rollout(problems, params, 1)
+        comps = [row[0] for row in ro.components]
+        result = {"step": self.step, "set": label, "size": len(problems),
+                  "accuracy": sum(c.get("correct", 0.0) for c in comps) / len(comps),
+                  "format_rate": sum(c.get("format", 0.0) for c in comps) / len(comps),
+                  "reward_mean": float(ro.rewards.mean())}
+        self.evals.write(result)
+        return result
+
+    def eval_sets(self) -> list[tuple[str, list[Problem]]]:
+        sets = [("target", self.task.eval_problems())]
+        level = getattr(self.task, "current_digits", None)
+        if level is not None and tuple(level) != tuple(self.task.digits):
+            sets.append(("level", self.task.eval_problems(level)))
+        return sets
+
+    def run_evals(self) -> list[dict[str, Any]]:
+        results = [self.evaluate(problems, label) for label, problems in self.eval_sets()]
+        for r in results:
+            print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
+                  f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}", flush=True)
+        write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
+        return results
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), 
+                "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
+                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict())
+        log.info("checkpoint written: %s", path)
+        return path
+
+    def load(self, checkpoint: Path) -> None:
+        state = load_state(checkpoint)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.bad_steps = state["bad_steps"]
+        if state["task"] is not None:
+            self.task.load_state_dict(state["task"])
+        for writer in (self.metrics, self.samples, self.evals):
+            JsonlWriter(writer.path, truncate_after_step=self.step)
+
+    # ---- the run -------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        before = self.run_evals() if self.step == 0 else [e for e in self.evals.read() if e["step"] == 0]
+        start, first_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                m = self.train_step()
+                done = self.step - first_step
+                eta = (time.perf_counter() - start) / done * (cfg.steps - self.step)
+                print(progress_line(m, cfg.steps, eta), flush=True)
+                if m.get("promoted"):
+                    print(f"curriculum: moving up to {self.task.current_digits[0]} x {self.task.current_digits[1]} digits", flush=True)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.run_evals()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})", flush=True)
+            self.save()
+            raise
+        after = self.run_evals()
+        self.save()
+        summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
+        print_summary(summary)
+        return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    before = {e["set"]: e for e in summary["before"]}
+    print(f"\nsummary ({format_duration(summary['seconds'])} of training)")
+    print(f"{'eval set':<10} {'':<8} {'accuracy':>9} {'format':>7} {'reward':>7}")
+    for e in summary["after"]:
+        b = before.get(e["set"])
+        if b is not None:
+            print(f"{e['set']:<10} {'before':<8} {b['accuracy']:>9.3f} {b['format_rate']:>7.3f} {b['reward_mean']:>7.3f}")
+        print(f"{e['set']:<10} {'after':<8} {e['accuracy']:>9.3f} {e['format_rate']:>7.3f} {e['reward_mean']:>7.3f}")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:  # peak resident set of this process
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    except ImportError:
+        return float("nan")
+
+
+def find_resume_checkpoint(output: Path) -> Path:
+    ckpt = latest_checkpoint(output)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume {output}: no checkpoint found there (expected {output}/latest pointing to a "
+                                "checkpoint-STEP directory)")
+    return ckpt

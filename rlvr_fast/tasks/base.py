@@ -1,0 +1,44 @@
+"""What a task is: a source of prompts with hidden answers, and a rule that scores completions.
+
+A task hands out `Problem`s (the chat messages shown to the model and the answer the rule
+checks against) and scores a completion into named reward components, e.g.
+{"correct": 1.0, "format": 1.0}. The trainer weights and sums the components into the reward and
+logs each one separately, so a user can see whether the model learned the answer or only the form.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class Problem:
+    messages: list[dict[str, str]]
+    """Chat messages shown to the model (rendered through the model's chat template)."""
+    answer: str
+    """What the reward rule checks against; never shown to the model."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    name: str
+    reward_weights: dict[str, float]
+    """Weight of each reward component in the total reward."""
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        """n training problems drawn with `rng` (the trainer owns and checkpoints the generator)."""
+        ...
+
+    def eval_problems(self) -> list[Problem]:
+        """The fixed held-out set, the same on every call."""
+        ...
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        """Reward components of one completion."""
+        ...
+
+
+def total_reward(components: dict[str, float], weights: dict[str, float]) -> float:
+    return sum(weights.get(name, 0.0) * value for name, value in components.items())

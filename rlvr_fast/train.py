@@ -1,0 +1,161 @@
+"""Command line: `python -m rlvr_fast.train --task multiply [options]`.
+
+Every option of TrainConfig is a flag (`--help` lists them with defaults); `--config FILE`
+(TOML or YAML) supplies the same options, and flags given on the command line override it.
+Everything that can be checked is checked before any work: options, the model directory, the
+output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlvr_fast.grpo.config import TrainConfig
+
+log = logging.getLogger("rlvr_fast")
+
+
+def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The command line; with only_given, parsing yields just the options actually typed (no defaults)."""
+    parser = argparse.ArgumentParser(prog="python -m rlvr_fast.train", description="GRPO training with verifiable rewards",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if only_given else None)
+    parser.add_argument("--config", type=Path, help="TOML or YAML file with options (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+        if not only_given:
+            kwargs["default"] = f.default
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "digits":
+            kwargs.update(nargs=2, type=int, metavar=("A", "B"))
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"error: --config {path}: no such file")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+        raw = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+        raw = yaml.safe_load(text) or {}
+    else:
+        raise SystemExit(f"error: --config {path}: use a .toml, .yaml or .yml file")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: --config {path}: unknown option(s) {', '.join(unknown)} (see --help)")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[TrainConfig, set[str]]:
+    """The config, and the names of the options given explicitly on the command line."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        parser.set_defaults(**read_config_file(pre.config))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    given = set(vars(build_parser(only_given=True).parse_args(argv))) - {"config"}
+    try:
+        return TrainConfig(**args), given
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda given but no CUDA device is available (use --device cpu)")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, given = _parse(argv)
+    resume_from = None
+    if cfg.resume is not None:
+        from rlvr_fast.grpo.trainer import find_resume_checkpoint
+        output = Path(cfg.resume)
+        try:
+            resume_from = find_resume_checkpoint(output)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"error: {exc}")
+        saved = json.loads((output / "config.json").read_text())
+        # The saved run's options, except those given again on this command line (e.g. more --steps).
+        saved.update({name: getattr(cfg, name) for name in given})
+        cfg = TrainConfig(**{**saved, "digits": tuple(saved["digits"])})
+    else:
+        output = Path(cfg.output)
+        if output.exists() and any(output.iterdir()):
+            raise SystemExit(f"error: output directory {output} already holds files (another run?). Continue it with "
+                             f"--resume {output}, or choose a new --output.")
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+
+    import rlvr_fast
+    from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError
+    from rlvr_fast.tasks import make_task
+    try:
+        task = make_task(cfg)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    try:
+        model, tokenizer = rlvr_fast.load_pretrained(cfg.model, device=device, dtype=dtype)
+        ref_model = None
+        if resume_from is not None:
+            ref_model = model if cfg.beta > 0 else None
+            model, tokenizer = rlvr_fast.load_pretrained(resume_from, device=device, dtype=dtype)
+    except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
+    print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, {dtype}, "
+          f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} completions, output {output}", flush=True)
+    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model)
+    if resume_from is not None:
+        trainer.load(resume_from)
+        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""End to end on a tiny random Llama: the command line, metrics, checkpoints, resume, faults."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+
+import pytest
+import torch
+
+import rlvr_fast
+from rlvr_fast.tasks import Problem, register_task
+from rlvr_fast.train import main
+from tests.tiny import make_tiny_checkpoint
+
+METRIC_FIELDS = {
+    "step", "reward_mean", "reward_std", "reward_digits", "reward_hash", "accuracy", "format_rate", "reward_errors", "zero_std_groups",
+    "completion_len_mean", "completion_len_max", "truncated_frac", "kl", "loss", "ratio_mean", "clip_low_frac",
+    "clip_high_frac", "entropy", "grad_norm", "lr", "rollout_tokens_per_s", "train_tokens_per_s",
+    "time_rollout_s", "time_reference_s", "time_update_s", "step_time_s", "peak_memory_gb",
+}
+
+
+class DigitsTask:
+    """A reward that differs between any two different completions (a hash of the text), so every group of a
+    random model trains; plus a `digits` component as a readable one."""
+
+    name = "digits"
+    reward_weights = {"hash": 1.0, "digits": 0.1, "correct": 0.0}
+
+    def __init__(self, raise_every: int = 0):
+        self.raise_every, self.calls = raise_every, 0
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        return [Problem([{"role": "user", "content": f"{rng.randint(1, 99)} * {rng.randint(1, 9)}"}], "0") for _ in range(n)]
+
+    def eval_problems(self) -> list[Problem]:
+        return self.sample(random.Random(7), 3)
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        self.calls += 1
+        if self.raise_every and self.calls % self.raise_every == 0:
+            raise RuntimeError("reward bug")
+        return {"hash": zlib.crc32(completion.encode()) % 1000 / 1000,
+                "digits": sum(ch.isdigit() for ch in completion) / max(1, len(completion)), "correct": 0.0}
+
+
+register_task("digits-test", lambda cfg: DigitsTask())
+register_task("digits-flaky", lambda cfg: DigitsTask(raise_every=3))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def args(model, output, *extra):
+    return ["--model", str(model), "--output", str(output), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "6", "--eval-size", "3", "--eval-every", "0", "--save-every", "0", "--sample-every", "1",
+            "--micro-batch-tokens", "48", "--lr", "1e-3", "--warmup-steps", "0", *extra]
+
+
+def test_two_steps_write_metrics_and_a_loadable_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "digits-test", "--steps", "2")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert METRIC_FIELDS <= r.keys(), METRIC_FIELDS - r.keys()
+        assert r["zero_std_groups"] == 0 and r["grad_norm"] > 0 and r["time_update_s"] > 0
+    assert (out / "samples.jsonl").read_text().strip()
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    model, _ = rlvr_fast.load_pretrained(out / "checkpoint-2")
+    initial, _ = rlvr_fast.load_pretrained(tiny)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+
+
+def test_resume_equals_straight_run(tiny, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--task", "digits-test", "--beta", "0.05", "--num-iterations", "2")
+    assert main(args(tiny, straight, *common, "--steps", "4")) == 0
+    assert main(args(tiny, split, *common, "--steps", "2")) == 0
+    assert main(["--resume", str(split), "--steps", "4"]) == 0
+    a, _ = rlvr_fast.load_pretrained(straight / "checkpoint-4")
+    b, _ = rlvr_fast.load_pretrained(split / "checkpoint-4")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    drop = ("time", "tokens_per_s", "peak_memory", "step_time")
+    clean = lambda path: [{k: v for k, v in json.loads(line).items() if not any(d in k for d in drop)}
+                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert clean(straight) == clean(split)
+
+
+def test_reward_errors_are_counted_not_fatal(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "digits-flaky", "--steps", "1")) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["reward_errors"] > 0
+    assert main(args(tiny, tmp_path / "strict", "--task", "digits-flaky", "--steps", "1", "--strict-rewards")) == 1
+    assert "--strict-rewards" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--task", "nope"], "unknown task"),
+    (["--group-size", "1"], "group-size"),
+    (["--temperature", "0"], "temperature"),
+    (["--loss-type", "ppo"], "invalid choice"),
+])
+def test_bad_options_fail_before_work(tiny, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as exc:
+        main(args(tiny, tmp_path / "run", "--steps", "1", *bad))
+    assert message in str(exc.value.code) + capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_of_another_run_is_refused(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="--resume"):
+        main(args(tiny, out, "--task", "digits-test", "--steps", "1"))
+
+
+def test_model_that_does_not_load(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(args(tmp_path / "missing", tmp_path / "run", "--steps", "1"))
+
+
+def test_config_file_and_flag_override(tiny, tmp_path):
+    from rlvr_fast.train import parse_config
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('group-size = 6\nlr = 0.5\nloss_type = "bnpo"\n')
+    cfg = parse_config(["--config", str(cfg_file), "--lr", "0.25"])
+    assert (cfg.group_size, cfg.lr, cfg.loss_type) == (6, 0.25, "bnpo")
+    cfg_file.write_text("bogus = 1\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        parse_config(["--config", str(cfg_file)])
+
+
+class NaNTask(DigitsTask):
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        return {"hash": float("nan"), "correct": 0.0}
+
+
+register_task("nan-test", lambda cfg: NaNTask())
+
+
+def test_nan_updates_are_skipped_then_the_run_stops(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "nan-test", "--steps", "5", "--max-bad-steps", "2")) == 1
+    assert "consecutive updates had NaN/Inf" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in records] == [True, True]
+    assert not list(out.glob("checkpoint-*"))  # nothing was saved from the poisoned run
+
+
+def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path, monkeypatch):
+    from rlvr_fast.grpo import trainer as trainer_mod
+    real_step = trainer_mod.GRPOTrainer.train_step
+
+    def interrupt_at_two(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_mod.GRPOTrainer, "train_step", interrupt_at_two)
+    assert main(args(tiny, out, "--task", "digits-test", "--steps", "3")) == 130
+    assert (out / "latest").read_text().strip() == "checkpoint-1"
+    monkeypatch.setattr(trainer_mod.GRPOTrainer, "train_step", real_step)
+    assert main(["--resume", str(out)]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_micro_batching_equals_one_batch(tiny, tmp_path, monkeypatch, loss_type):
+    """Gradient accumulation is weighted per loss type so that token budgets do not change the gradient."""
+    grads = []
+
+    def record_instead_of_step(self, closure=None):
+        grads.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_instead_of_step)
+    for budget in ("4096", "40"):
+        assert main(args(tiny, tmp_path / f"run{budget}", "--task", "digits-test", "--steps", "1", "--loss-type",
+                         loss_type, "--micro-batch-tokens", budget, "--beta", "0.1", "--max-grad-norm", "0")) == 0
+    one, many = grads
+    assert len(one) == len(many) > 0
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert any(a.abs().sum() > 0 for a in one)
+
+
+def test_options_reach_the_loss(tiny, tmp_path, monkeypatch):
+    from rlvr_fast.grpo import trainer as trainer_mod
+    seen = []
+    real = trainer_mod.fused_linear_grpo_loss
+
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", spy)
+    main(args(tiny, tmp_path / "run", "--task", "digits-test", "--steps", "1", "--loss-type", "dr_grpo", "--beta", "0.3",
+              "--clip-low", "0.1", "--clip-high", "0.28", "--temperature", "0.7"))
+    assert seen and all(kw["loss_type"] == "dr_grpo" and kw["beta"] == 0.3 and kw["clip_low"] == 0.1 and
+                        kw["clip_high"] == 0.28 and kw["temperature"] == 0.7 and kw["max_completion_len"] == 6 for kw in seen)
