@@ -14,8 +14,10 @@ CASES = [
     ("Final Answer: the final answer is 94311. I hope it is correct.", 1.0, 1.0),
     ("Let me think.\nFinal Answer: the final answer is 94310. I hope it is correct.", 0.0, 1.0),  # wrong number
     ("The answer is 94311.", 0.0, 0.0),  # right number, wrong form
-    ("Final Answer: The final answer is 94311. I hope it is correct.", 0.0, 0.0),  # capital T
-    ("Final Answer: the final answer is 94,311. I hope it is correct.", 0.0, 0.0),  # digits only
+    ("Final Answer: The final answer is 94311. I hope it is correct.", 0.0, 0.5),  # capital T: near miss
+    ("The final answer is 94311. I hope it is correct.", 0.0, 0.25),  # the line without its prefix
+    ("the final answer is 94311.", 0.0, 0.0),
+    ("Final Answer: the final answer is 94,311. I hope it is correct.", 0.0, 0.5),  # a comma: near miss only
     ("Final Answer: the final answer is -94311. I hope it is correct.", 0.0, 0.0),
     ("", 0.0, 0.0),
     # The blog's regex has unescaped dots: any character matches there, and we keep it verbatim.
@@ -52,6 +54,17 @@ def test_eval_set_is_fixed_and_independent_of_training_draws():
     task.sample(random.Random(5), 100)
     assert [p.answer for p in task.eval_problems()] == first
     assert len(set(first)) > 10
+
+
+@pytest.mark.parametrize("digits,eval_size,expected", [((1, 1), 32, 32), ((1, 1), 80, 50), ((2, 1), 64, 64)])
+def test_training_never_draws_held_out_problems(digits, eval_size, expected):
+    task = MultiplyTask(digits=digits, curriculum=False, eval_size=eval_size)
+    held_out = {(p.meta["a"], p.meta["b"]) for p in task.eval_problems()}
+    assert len(held_out) == expected  # distinct, and at most half of the problems of that size
+    drawn = {(p.meta["a"], p.meta["b"]) for p in task.sample(random.Random(0), 2000)}
+    assert not drawn & held_out
+    if digits == (1, 1):
+        assert len(drawn) == 100 - expected  # every other 1x1 problem is still trained on
 
 
 def test_curriculum_levels_and_promotion():

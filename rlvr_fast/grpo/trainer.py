@@ -196,7 +196,9 @@ class GRPOTrainer:
             s.index = k
         micro_batches = [make_micro_batch(b).to(self.device) for b in split_by_tokens(samples, cfg.micro_batch_tokens)]
         t_ref = t_update = 0.0
-        upd = {"loss": 0.0, "kl": 0.0, "ratio": 1.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0, "skipped_update": False}
+        # No group with signal: no update, and no update statistics (None, not a misleading 0).
+        upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
+               "skipped_update": False}
         if samples:
             num_tokens = sum(mb.num_tokens for mb in micro_batches)
             t1 = time.perf_counter()

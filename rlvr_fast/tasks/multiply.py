@@ -28,10 +28,24 @@ def extract_answer(completion: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# Graded format credit, so a small model that writes a near-miss answer line gets a signal to move
+# towards the exact one. Checked in order; the first match sets the format score.
+FORMAT_LEVELS = (
+    (ANSWER_RE, 1.0),                                                      # the exact line
+    (re.compile(r"final answer: the final answer is \d+", re.I), 0.5),    # prefix present, case off
+    (re.compile(r"the final answer is \d+\. I hope it is correct", re.I), 0.25),  # the line without its prefix
+)
+
+
+def format_score(completion: str) -> float:
+    return next((score for pattern, score in FORMAT_LEVELS if pattern.search(completion)), 0.0)
+
+
 def multiply_reward(completion: str, product: int) -> dict[str, float]:
-    """correct: the answer line holds the product; format: the answer line is there at all."""
+    """correct: the exact answer line holds the product (the blog's check);
+    format: 1 for the exact answer line with any number, partial credit for near misses."""
     answer = extract_answer(completion)
-    return {"correct": float(answer == product), "format": float(answer is not None)}
+    return {"correct": float(answer == product), "format": format_score(completion)}
 
 
 def curriculum_levels(target: tuple[int, int]) -> list[tuple[int, int]]:
@@ -58,6 +72,7 @@ class MultiplyTask:
     """Completions in the rolling accuracy window."""
     format_weight: float = 0.1
     eval_size: int = 64
+    """Held-out problems per size (at most half of all problems of that size); training never draws them."""
     eval_seed: int = 1234
     name: str = "multiply"
 
@@ -68,6 +83,7 @@ class MultiplyTask:
         self.levels = curriculum_levels(self.digits) if self.curriculum else [self.digits]
         self.level = 0
         self._recent: deque[float] = deque(maxlen=self.window)
+        self._held_out_cache: dict[tuple[int, int], set[tuple[int, int]]] = {}
         self.reward_weights = {"correct": 1.0, "format": self.format_weight}
 
     @property
@@ -79,13 +95,34 @@ class MultiplyTask:
                        meta={"a": a, "b": b})
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
-        da, db = self.current_digits
-        return [self.make_problem(_operand(rng, da), _operand(rng, db)) for _ in range(n)]
+        """Training problems at the current level, never one of the held-out evaluation problems."""
+        digits = self.current_digits
+        held_out = self._held_out(digits)
+        problems = []
+        while len(problems) < n:
+            a, b = _operand(rng, digits[0]), _operand(rng, digits[1])
+            if (a, b) not in held_out:
+                problems.append(self.make_problem(a, b))
+        return problems
 
     def eval_problems(self, digits: tuple[int, int] | None = None) -> list[Problem]:
-        rng = random.Random(self.eval_seed)  # held out: its own generator, never the training one
-        da, db = digits or self.digits
-        return [self.make_problem(_operand(rng, da), _operand(rng, db)) for _ in range(self.eval_size)]
+        return [self.make_problem(a, b) for a, b in self._eval_pairs(tuple(digits or self.digits))]
+
+    def _eval_pairs(self, digits: tuple[int, int]) -> list[tuple[int, int]]:
+        """A fixed set of distinct problems of this size, from its own generator (never the training one)."""
+        da, db = digits
+        space = (10**da - (10 ** (da - 1) if da > 1 else 0)) * (10**db - (10 ** (db - 1) if db > 1 else 0))
+        # Keep at least half of all problems of this size for training.
+        size = min(self.eval_size, space // 2)
+        rng, pairs = random.Random(self.eval_seed), dict()
+        while len(pairs) < size:
+            pairs[(_operand(rng, da), _operand(rng, db))] = None
+        return list(pairs)
+
+    def _held_out(self, digits: tuple[int, int]) -> set[tuple[int, int]]:
+        if digits not in self._held_out_cache:
+            self._held_out_cache[digits] = set(self._eval_pairs(digits))
+        return self._held_out_cache[digits]
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return multiply_reward(completion, int(problem.answer))
