@@ -15,29 +15,14 @@ CUDA graph); CPU tensors -> paged_reference.paged_attention_ref (gather + two ba
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from rlvr_fast.kernels.paged_reference import paged_attention_ref
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
-log = logging.getLogger("rlvr_fast")
-_logged: set[str] = set()
+from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
 
 
-def _log_once(name: str) -> None:
-    if name not in _logged:
-        _logged.add(name)
-        log.info("paged decode attention backend: %s", name)
-
-
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _paged_attention_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr,
@@ -116,14 +101,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (also under TRITON_INTERPRET=1), "torch".
     """
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    if backend == "auto":
-        backend = "triton" if (q.is_cuda and triton is not None) else "torch"
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("paged_attention(backend='triton') needs the triton package")
-        _log_once("triton")
+    if pick_backend("paged_attention", backend, q.device) == "triton":
         return _paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
-    if backend == "torch":
-        _log_once("torch (gather blocks + batched matmul)")
-        return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)

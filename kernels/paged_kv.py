@@ -13,29 +13,14 @@ Backends: CUDA tensors -> the Triton kernel; CPU tensors -> `index_copy_` (paged
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from rlvr_fast.kernels.paged_reference import write_kv_ref
 
-try:  # triton is optional: CPU-only installs run the PyTorch path
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
-log = logging.getLogger("rlvr_fast")
-_logged: set[str] = set()
+from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
 
 
-def _log_once(name: str) -> None:
-    if name not in _logged:
-        _logged.add(name)
-        log.info("paged KV write backend: %s", name)
-
-
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
@@ -83,18 +68,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (also under TRITON_INTERPRET=1), "torch".
     """
-    if backend == "auto":
-        backend = "triton" if (k.is_cuda and triton is not None) else "torch"
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("write_kv(backend='triton') needs the triton package")
-        _log_once("triton")
+    if pick_backend("write_kv", backend, k.device) == "triton":
         _write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    elif backend == "torch":
-        _log_once("torch index_copy_")
-        keep = slot_mapping >= 0
-        if not bool(keep.all()):
-            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-        write_kv_ref(k, v, k_cache, v_cache, slot_mapping.long())
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        return
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping.long())

@@ -23,29 +23,14 @@ Backends: CUDA tensors and plain temperature/greedy -> Triton; everything else -
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from rlvr_fast.kernels.paged_reference import sample_ref
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
-log = logging.getLogger("rlvr_fast")
-_logged: set[str] = set()
+from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
 
 
-def _log_once(name: str) -> None:
-    if name not in _logged:
-        _logged.add(name)
-        log.info("sampling backend: %s", name)
-
-
-if triton is not None:
+if HAS_TRITON:
 
     @triton.jit
     def _sample_kernel(logits_ptr, keys_ptr, tok_ptr, lp_ptr, stride_row, vocab, inv_temp,
@@ -110,16 +95,9 @@ def sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float, top_k: 
     backend: "auto" (Triton on CUDA when no top-k/top-p, else PyTorch), "triton", "torch".
     """
     filtered = bool(top_k) or top_p < 1.0
-    if backend == "auto":
-        backend = "triton" if (logits.is_cuda and triton is not None and not filtered) else "torch"
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("sample(backend='triton') needs the triton package")
-        if filtered:
-            raise ValueError("the Triton sampler handles temperature/greedy only; use backend='torch' for top-k/top-p")
-        _log_once("triton (Gumbel-max, one pass)")
+    if filtered and backend == "triton":
+        raise ValueError("the Triton sampler handles temperature/greedy only; use backend='torch' for top-k/top-p")
+    op = "sample (top-k/top-p: sort path)" if filtered else "sample"
+    if pick_backend(op, "torch" if filtered else backend, logits.device) == "triton":
         return _sample_triton(logits, keys, temperature)
-    if backend == "torch":
-        _log_once("torch (inverse CDF" + (", topk/sort filter)" if filtered else ")"))
-        return sample_ref(logits, keys, temperature, top_k, top_p)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return sample_ref(logits, keys, temperature, top_k, top_p)

@@ -200,3 +200,16 @@ def test_missing_tokenizer(tmp_path):
     (src / "tokenizer.json").unlink()
     with pytest.raises(rlvr_fast.TokenizerError, match="no tokenizer.json"):
         rlvr_fast.load_pretrained(src)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    path, _ = hf_checkpoint(tmp_path)
+    grads = []
+    ids, cu = torch.randint(0, BASE["vocab_size"], (11,)), torch.tensor([0, 4, 11], dtype=torch.int32)
+    for checkpointing in (False, True):
+        model = load_model(path).train()
+        model.gradient_checkpointing = checkpointing
+        model(ids, cu_seqlens=cu).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

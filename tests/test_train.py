@@ -209,3 +209,14 @@ def test_options_reach_the_loss(tiny, tmp_path, monkeypatch):
               "--clip-low", "0.1", "--clip-high", "0.28", "--temperature", "0.7"))
     assert seen and all(kw["loss_type"] == "dr_grpo" and kw["beta"] == 0.3 and kw["clip_low"] == 0.1 and
                         kw["clip_high"] == 0.28 and kw["temperature"] == 0.7 and kw["max_completion_len"] == 6 for kw in seen)
+
+
+def test_grad_checkpoint_flag_recomputes_layers(tiny, tmp_path, monkeypatch):
+    from rlvr_fast.model import llama
+    calls = []
+    real = llama.checkpoint
+    monkeypatch.setattr(llama, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert main(args(tiny, tmp_path / "plain", "--task", "digits-test", "--steps", "1")) == 0
+    assert not calls
+    assert main(args(tiny, tmp_path / "ckpt", "--task", "digits-test", "--steps", "1", "--grad-checkpoint")) == 0
+    assert calls  # one call per decoder layer and micro-batch, in the update only

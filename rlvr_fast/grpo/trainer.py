@@ -60,6 +60,7 @@ class GRPOTrainer:
         self.ref_model = None
         if cfg.beta > 0:  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
+        model.gradient_checkpointing = cfg.grad_checkpoint
         self.engine = engine or RolloutEngine(model, tokenizer)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rlvr_fast.model.attention import KVCacheContext, PackedBatch, varlen_causal_attention
 from rlvr_fast.model.config import LlamaConfig
@@ -122,6 +123,7 @@ class LlamaForCausalLM(nn.Module):
         # Not a buffer: it must stay fp32 whatever dtype the weights are cast to, and it is
         # derived from the config, never stored in checkpoints.
         self._inv_freq = cfg.rope_inv_freq()
+        self.gradient_checkpointing = False
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                        max_seqlen: int | None = None) -> torch.Tensor:
@@ -147,7 +149,11 @@ class LlamaForCausalLM(nn.Module):
         positions = cache.positions if cache is not None else batch.positions
         cos, sin = rotary_cos_sin(inv_freq, positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, cache)
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute its activations in backward.
+                x = checkpoint(layer, x, cos, sin, batch, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, batch, cache)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
