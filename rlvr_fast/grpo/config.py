@@ -51,7 +51,7 @@ class TrainConfig:
     loss_type: str = opt("grpo", "loss aggregation over tokens", choices=LOSS_TYPES)
     scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
-    micro_batch_tokens: int = opt(4096, "token budget of one forward/backward micro-batch")
+    micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
     # machine

@@ -61,7 +61,7 @@ class GRPOTrainer:
         if cfg.beta > 0:  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         model.gradient_checkpointing = cfg.grad_checkpoint
-        self.engine = engine or RolloutEngine(model, tokenizer)
+        self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks())
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
@@ -71,6 +71,15 @@ class GRPOTrainer:
         self.metrics = JsonlWriter(output / "metrics.jsonl")
         self.samples = JsonlWriter(output / "samples.jsonl")
         self.evals = JsonlWriter(output / "eval.jsonl")
+
+    def _cache_blocks(self, block_size: int = 16) -> int:
+        """KV blocks for one step's rollout (or one evaluation) at once, with a margin: the pool is
+        held through training, so it is sized for the job rather than from free memory. Longer
+        prompts than estimated only cost preemption (recompute), never correctness."""
+        cfg = self.cfg
+        prompt_len = max(len(self.encode_prompt(p)) for p in self.task.eval_problems()[:8]) + 32
+        sequences = max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size)
+        return int(1.25 * sequences * (-(-(prompt_len + cfg.max_new_tokens) // block_size) + 1))
 
     # ---- schedule -------------------------------------------------------------------------
 
