@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     try:
-        model, tokenizer = rlvr_fast.load_pretrained(cfg.model, device=device, dtype=dtype)
+        # A resumed run trains the checkpoint's weights; the initial model is loaded only as the reference.
         ref_model = None
-        if resume_from is not None:
-            ref_model = model if cfg.beta > 0 else None
-            model, tokenizer = rlvr_fast.load_pretrained(resume_from, device=device, dtype=dtype)
+        if resume_from is not None and cfg.beta > 0:
+            ref_model, _ = rlvr_fast.load_pretrained(cfg.model, device=device, dtype=dtype)
+        model, tokenizer = rlvr_fast.load_pretrained(resume_from or cfg.model, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
     output.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import torch
 
 from rlvr_fast.kernels import grpo_loss
 from rlvr_fast.kernels.reference import grpo_loss_ref
+from tests.grpo_cases import ragged_advantages_and_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -17,14 +18,7 @@ def make_batch(B, T, seed=0, spread=2.0):
     logp = -torch.rand(B, T, generator=g) * 4
     old = logp + torch.randn(B, T, generator=g) * spread
     ref = logp + torch.randn(B, T, generator=g) * 0.5
-    adv = torch.randn(B, generator=g)
-    adv[0] = abs(adv[0]) + 0.1
-    if B > 1:
-        adv[1] = -abs(adv[1]) - 0.1
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-    if B > 2:
-        mask[2] = 0
+    adv, mask = ragged_advantages_and_mask(B, T, g)
     garbage = mask == 0
     logp[garbage], old[garbage], ref[garbage] = -1e4, 50.0, float("nan")
     return [x.to(DEVICE) for x in (logp, old, ref, adv, mask)]

@@ -13,6 +13,7 @@ import torch
 from rlvr_fast.kernels import fused_linear_grpo_loss, grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.linear_token_logprobs import pick_chunk_size
 from rlvr_fast.kernels.reference import fused_linear_grpo_loss_ref, linear_token_logprobs_ref
+from tests.grpo_cases import ragged_advantages_and_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
@@ -74,14 +75,7 @@ def make_grpo(B, T, H, V, dtype, seed=0):
         base = linear_token_logprobs_ref(h, w, y).view(B, T).cpu()
     old = base + torch.randn(B, T, generator=g) * 1.5     # ratios far outside the clip
     ref = base + torch.randn(B, T, generator=g) * 0.5
-    adv = torch.randn(B, generator=g)
-    adv[0] = abs(adv[0]) + 0.1
-    if B > 1:
-        adv[1] = -abs(adv[1]) - 0.1
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-    if B > 2:
-        mask[2] = 0                                    # a fully masked completion
+    adv, mask = ragged_advantages_and_mask(B, T, g)
     old[mask == 0], ref[mask == 0] = 1e4, float("nan")  # garbage at padding: never used
     return h.view(B, T, H), w, y.view(B, T), *(x.to(DEVICE) for x in (old, ref, adv, mask))
 

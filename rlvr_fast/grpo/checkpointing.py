@@ -48,7 +48,8 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def _prune(output: Path, keep: int, current: Path) -> None:
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    checkpoints = sorted((p for p in output.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                         key=lambda p: int(p.name.split("-", 1)[1]))
     for old in checkpoints[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
