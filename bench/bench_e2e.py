@@ -1,10 +1,12 @@
 """End-to-end GRPO step: our GRPOTrainer vs TRL's GRPOTrainer, same CPU, model, batch and lengths.
 
     python bench/bench_e2e.py                            # 2 prompts x G=8 x 64 new tokens, fp32, K=3 timed steps
+    python bench/bench_e2e.py --dtype bfloat16 --no-second-ours   # both sides in bf16
     python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-append
 
 Both trainers: the embedded default model (SmolLM2-135M-Instruct, the HF-layout directory of
-rlvr_fast.checkpoint.default_model.default_model_dir()), fp32 on CPU, multiply-task prompts
+rlvr_fast.checkpoint.default_model.default_model_dir()), on CPU in one precision (--dtype: fp32, or bf16:
+ours bf16 weights with fp32 master weights, TRL bf16 weights with bf16=True autocast), multiply-task prompts
 (MultiplyTask(digits=(1, 1), curriculum=False), chat-templated by each side's tokenizer from the
 same messages), P prompts x G completions x at most N new tokens, temperature 1.0 (no top-k/top-p),
 beta 0.04 (both keep a frozen reference model), one update per rollout, lr 1e-6, per-completion
@@ -104,10 +106,10 @@ def child_ours(args: argparse.Namespace) -> dict:
     out_dir = Path(tempfile.mkdtemp(prefix="bench_e2e_ours_"))
     cfg = TrainConfig(task="multiply", digits=(1, 1), curriculum=False, prompts_per_step=args.prompts,
                       group_size=args.group, max_new_tokens=args.new_tokens, temperature=TEMPERATURE, beta=BETA,
-                      lr=LR, dtype="float32", device="cpu", steps=1 + args.steps, seed=SEED, eval_every=0,
+                      lr=LR, dtype=args.dtype, device="cpu", steps=1 + args.steps, seed=SEED, eval_every=0,
                       save_every=0, sample_every=0, output=str(out_dir))
     device = torch.device("cpu")
-    model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=torch.float32)
+    model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=getattr(torch, args.dtype))
     trainer = trainer_mod.GRPOTrainer(cfg, model, tok, make_task(), out_dir, device)
     rss_load = rss_gb()
     steps = []
@@ -170,8 +172,8 @@ def child_trl(args: argparse.Namespace) -> dict:
     out_dir = tempfile.mkdtemp(prefix="bench_e2e_trl_")
     gen_kwargs = {"min_new_tokens": args.new_tokens} if args.child_ignore_eos else None
     config = GRPOConfig(
-        output_dir=out_dir, seed=SEED, use_cpu=True, bf16=False, fp16=False, torch_compile=False,
-        model_init_kwargs={"dtype": torch.float32},
+        output_dir=out_dir, seed=SEED, use_cpu=True, bf16=args.dtype == "bfloat16", fp16=False, torch_compile=False,
+        model_init_kwargs={"dtype": getattr(torch, args.dtype)},
         # one generation batch of P*G completions = one optimizer step, one forward/backward over all of them
         per_device_train_batch_size=n, gradient_accumulation_steps=1, steps_per_generation=1,
         num_generations=args.group, num_iterations=1, max_steps=1 + args.steps,
@@ -221,7 +223,8 @@ def trl_available() -> str | None:
 
 def run_child(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--prompts", str(args.prompts),
-           "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps)]
+           "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
+           "--dtype", args.dtype]
     if all_groups:
         cmd.append("--all-groups")
     if ignore_eos:
@@ -258,6 +261,7 @@ def main() -> None:
                     help="also run 'ours, all groups' and TRL with EOS ignored (every completion N tokens)")
     ap.add_argument("--second-ours", action=argparse.BooleanOptionalAction, default=True,
                     help="run ours again after TRL")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of both sides")
     ap.add_argument("--no-append", action="store_true", help="print the table only")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--all-groups", action="store_true", help=argparse.SUPPRESS)
@@ -338,15 +342,18 @@ def main() -> None:
     table = markdown_table(["variant", "s/step median", "s/step mean", "completion tokens/step", "peak RSS GB",
                             "RSS after load GB", "speedup vs TRL", "peak memory vs TRL"], rows)
     p, g, n = args.prompts, args.group, args.new_tokens
+    precision = ("fp32" if args.dtype == "float32" else
+                 "bf16 (ours: bf16 weights, fp32 master weights and AdamW states; TRL: bf16 weights and bf16 autocast)")
     body = (f"One GRPO step (rollout + rewards + reference log-probs + forward/backward + AdamW), "
-            f"SmolLM2-135M-Instruct (default model, HF layout), fp32, CPU, {p} prompts x G={g} x <= {n} new tokens, "
+            f"SmolLM2-135M-Instruct (default model, HF layout), {precision}, CPU, {p} prompts x G={g} x <= {n} new tokens, "
             f"temperature {TEMPERATURE}, beta {BETA} (reference model on both sides), lr {LR}, one update per "
             f"rollout, loss 'grpo', no gradient checkpointing, no torch.compile; multiply task 1x1 digits. "
             f"TRL: GRPOConfig(per_device_train_batch_size={p * g}, gradient_accumulation_steps=1, "
             f"steps_per_generation=1, num_generations={g}, max_completion_length={n}, top_k=0, top_p=1.0, "
-            f"use_vllm=False, bf16=False, gradient_checkpointing=False, loss_type='grpo', beta={BETA}) = one "
+            f"use_vllm=False, bf16={args.dtype == 'bfloat16'}, model_init_kwargs dtype {args.dtype}, gradient_checkpointing=False, loss_type='grpo', beta={BETA}) = one "
             f"optimizer step per {p * g} completions; 'EOS ignored' = generation_kwargs min_new_tokens={n}. "
-            f"Ours: GRPOTrainer.train_step() with the matching TrainConfig (micro_batch_tokens default). "
+            f"Ours: GRPOTrainer.train_step() with the matching TrainConfig (dtype {args.dtype}, other options at their "
+            f"defaults: micro_batch_tokens 2048, share_prompts on). "
             f"'ours' drops zero-signal groups before reference/update (as shipped); 'ours, all groups' keeps "
             f"them (zero advantage) like TRL does; 'EOS ignored' rows generate and train exactly "
             f"{p * g * n} completion tokens per step on both sides. Speedup = TRL median / variant median against "

@@ -1,13 +1,20 @@
-"""Rollout throughput: RolloutEngine vs transformers' generate on the same model, prompts, n and lengths.
+"""Rollout throughput: RolloutEngine vs transformers' generate on the same model, prompts, n and lengths;
+or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops.
 
     python bench/bench_rollout.py                      # 2 and 8 multiply prompts x n=8 x 64 new tokens, fp32
     python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-append
+    python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-append
 
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
 Prompts are chat-templated multiplication questions (the GRPO task), different operands per prompt.
 The two are timed alternately in one process, round after round, so background load on a shared
 machine hits both alike; the table reports the median of each. Tokens/s counts generated tokens.
+
+--backends (CPU): the same engine and model, once with the rollout ops (KV write, paged decode
+attention, sampling) on torch.ops.rlvr_fast.* (csrc/, needs the built extension) and once on the
+PyTorch reference ops (kernels/paged_reference.py), picked per call with kernels._common.cpu_backend;
+everything else (projections, norms, rotary) is the same code in both. Same alternation and medians.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +33,8 @@ from common import append_results, markdown_table  # noqa: E402
 
 import rlvr_fast  # noqa: E402
 from rlvr_fast import RolloutEngine, SamplingParams  # noqa: E402
+from rlvr_fast.kernels._common import cpu_backend  # noqa: E402
+from rlvr_fast.kernels.native import HAS_NATIVE, WHY_NOT  # noqa: E402
 
 QUESTION = ("Please answer the following question. You may write out your argument before stating your final answer "
             "X in a new line, following the format \"Final Answer: the final answer is X. I hope it is correct.\" "
@@ -53,6 +63,22 @@ def hf_generate(hf, tok, ids: list[list[int]], n: int, new_tokens: int, temperat
     return (out.shape[1] - width) * out.shape[0]
 
 
+def time_alternating(fns: dict[str, Callable[[], int]], want: int, reps: int,
+                     sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Warm each fn up once (checking it generates `want` tokens), then time them in turns, `reps` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        assert fn() == want, f"{name} generated the wrong number of tokens"
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=[2, 8])
@@ -62,16 +88,25 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backends", action="store_true",
+                    help="CPU: time the engine on the native ops vs on the PyTorch reference ops "
+                         "(instead of vs transformers)")
     ap.add_argument("--no-append", action="store_true", help="print the table only")
     args = ap.parse_args()
-
-    from transformers import AutoModelForCausalLM
-
-    from rlvr_fast.checkpoint.default_model import default_model_dir
+    if args.backends and args.device != "cpu":
+        ap.error("--backends compares the CPU rollout ops: use --device cpu")
+    if args.backends and not HAS_NATIVE:
+        ap.error(f"--backends needs the native CPU ops, which are {WHY_NOT}")
 
     dtype = getattr(torch, args.dtype)
     model, tok = rlvr_fast.load_pretrained(device=args.device, dtype=dtype)
-    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
+    hf = None
+    if not args.backends:
+        from transformers import AutoModelForCausalLM
+
+        from rlvr_fast.checkpoint.default_model import default_model_dir
+
+        hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -80,46 +115,54 @@ def main() -> None:
         ids = prompts(tok, count)
         params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True)
 
-        def run_engine() -> int:
-            out = engine.generate(ids, params, n=args.n)
+        def run_engine(ops: str | None = None) -> int:
+            with cpu_backend(ops):  # None: the default choice ("auto")
+                out = engine.generate(ids, params, n=args.n)
             return sum(len(c.token_ids) for g in out for c in g)
 
         def run_hf() -> int:
             return hf_generate(hf, tok, ids, args.n, args.max_new_tokens, args.temperature)
 
         want = count * args.n * args.max_new_tokens
-        times: dict[str, list[float]] = {"engine": [], "transformers": []}
-        for name, fn in (("engine", run_engine), ("transformers", run_hf)):  # warm-up
-            assert fn() == want, f"{name} generated the wrong number of tokens"
-        for _ in range(args.reps):
-            for name, fn in (("engine", run_engine), ("transformers", run_hf)):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-        eng, ref = statistics.median(times["engine"]), statistics.median(times["transformers"])
+        shape = f"{count} x {args.n} x {args.max_new_tokens}"
+        if args.backends:
+            names = ("native", "torch")
+            fns = {"native": lambda: run_engine("native"), "torch": lambda: run_engine("torch")}
+        else:
+            names = ("engine", "transformers")
+            fns = {"engine": run_engine, "transformers": run_hf}
+        times = time_alternating(fns, want, args.reps, sync)
+        fast, ref = (statistics.median(times[name]) for name in names)
         st = engine.stats
-        rows.append([f"{count} x {args.n} x {args.max_new_tokens}", f"{want / eng:.0f}", f"{want / ref:.0f}",
-                     f"{ref / eng:.2f}x", f"{eng:.2f}", f"{ref:.2f}",
-                     f"{st.prefill_steps} + {st.decode_steps}", str(st.preemptions)])
-        print(f"{count} prompts: engine {want / eng:.0f} tok/s, transformers {want / ref:.0f} tok/s "
-              f"({ref / eng:.2f}x); runs engine {[round(t, 2) for t in times['engine']]}, "
-              f"transformers {[round(t, 2) for t in times['transformers']]}", file=sys.stderr, flush=True)
+        rows.append([shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}",
+                     f"{ref:.2f}", f"{st.prefill_steps} + {st.decode_steps}", str(st.preemptions)])
+        runs = ", ".join(f"{name} {[round(t, 2) for t in times[name]]}" for name in names)
+        print(f"{count} prompts: {names[0]} {want / fast:.0f} tok/s, {names[1]} {want / ref:.0f} tok/s "
+              f"({ref / fast:.2f}x); runs {runs}", file=sys.stderr, flush=True)
 
-    table = markdown_table(
-        ["prompts x n x new tokens", "engine tok/s", "transformers tok/s", "speedup", "engine s", "transformers s",
-         "engine steps (prefill + decode)", "preemptions"], rows)
-    body = (f"SmolLM2-135M-Instruct (default model), {args.dtype}, device {args.device}, temperature "
-            f"{args.temperature}, EOS ignored, medians of {args.reps} alternating runs. RolloutEngine defaults "
-            f"(block size {engine.block_size}, {engine.num_blocks} KV blocks); transformers generate with "
-            f"num_return_sequences={args.n}, min_new_tokens=max_new_tokens. No memory measured by this script.\n\n"
-            + table)
+    setup = (f"SmolLM2-135M-Instruct (default model), {args.dtype}, device {args.device}"
+             + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else "")
+             + f", temperature {args.temperature}, EOS ignored, medians of {args.reps} alternating runs. RolloutEngine "
+             f"defaults (block size {engine.block_size}, {engine.num_blocks} KV blocks)")
+    if args.backends:
+        title = "Rollout engine: native CPU ops vs PyTorch reference ops"
+        header = ["prompts x n x new tokens", "native ops tok/s", "torch ops tok/s", "native / torch", "native s",
+                  "torch s"]
+        body = (f"{setup}; the rollout ops (KV write, paged decode attention, sampling) from csrc/ "
+                "(torch.ops.rlvr_fast) vs kernels/paged_reference.py, the rest of the engine identical.")
+    else:
+        title = "Rollout engine vs transformers generate"
+        header = ["prompts x n x new tokens", "engine tok/s", "transformers tok/s", "speedup", "engine s",
+                  "transformers s"]
+        body = (f"{setup}; transformers generate with num_return_sequences={args.n}, "
+                "min_new_tokens=max_new_tokens.")
+    header += ["engine steps (prefill + decode)", "preemptions"]
+    body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
     if args.no_append:
         print(body)
     else:
         device = "cuda" if args.device == "cuda" else "cpu"
-        print(append_results("Rollout engine vs transformers generate", body, device))
+        print(append_results(title, body, device))
 
 
 if __name__ == "__main__":

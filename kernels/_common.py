@@ -1,20 +1,31 @@
 """Shared plumbing for the kernels: the guarded Triton import, backend choice, logging, checks.
 
-Nothing here does math. Every public function takes ``backend="auto" | "triton" | "torch"``:
+Nothing here does math. Every public function takes ``backend="auto" | "triton" | "torch"``, and
+the rollout ops (write_kv, paged_attention, sample) also ``"native"``:
 
-* ``"auto"``: the compiled Triton kernels for CUDA tensors (when Triton is installed), the
-  PyTorch path otherwise. The Triton interpreter is for tests, never picked automatically.
+* ``"auto"``: the compiled Triton kernels for CUDA tensors (when Triton is installed); on CPU the
+  native C++ op when the op has one and the extension is built (kernels/native.py), else the
+  PyTorch path. The Triton interpreter is for tests, never picked automatically.
 * ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
+* ``"native"``: ``torch.ops.rlvr_fast.<op>``, which dispatches by device: the C++ kernel on CPU,
+  the Triton kernel on CUDA. Raises with build instructions when the extension is not built.
 * ``"torch"``: the PyTorch path on any device.
+
+``cpu_backend("torch")`` (a context manager) makes "auto" pick the PyTorch path on CPU for its
+duration, ``cpu_backend("native")`` the native ops: one process can time both (bench_rollout.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
+from collections.abc import Iterator
 
 import torch
+
+from rlvr_fast.kernels.native import HAS_NATIVE, WHY_NOT
 
 try:  # Triton is optional: without it the package imports and runs its PyTorch paths.
     import triton
@@ -34,7 +45,9 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 
 log = logging.getLogger("rlvr_fast.kernels")
 _LOGGED: set[tuple[str, str]] = set()
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "torch")
+CPU_BACKENDS = ("native", "torch")
+_cpu_default: str | None = None  # what "auto" means on CPU for ops with a native kernel; None: native if built
 
 
 def interpreting() -> bool:
@@ -42,12 +55,48 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def pick_backend(op: str, backend: str, device: torch.device) -> str:
-    """Resolve `backend` for tensors on `device` and log once per (op, backend) which one runs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+@contextlib.contextmanager
+def cpu_backend(name: str | None) -> Iterator[None]:
+    """Within the block, backend="auto" on CPU tensors picks `name` ("native" or "torch") for the ops
+    that have a native kernel (None: the default, native when built). Not thread-safe: it sets a
+    module-level default, for benchmarks and tests that compare both in one process."""
+    global _cpu_default
+    if name is not None and name not in CPU_BACKENDS:
+        raise ValueError(f"cpu_backend: name must be one of {CPU_BACKENDS} or None, got {name!r}")
+    if name == "native" and not HAS_NATIVE:
+        raise RuntimeError(f"cpu_backend('native'): the native CPU ops are {WHY_NOT}")
+    saved, _cpu_default = _cpu_default, name
+    try:
+        yield
+    finally:
+        _cpu_default = saved
+
+
+def pick_backend(op: str, backend: str, device: torch.device, has_native: bool = False,
+                 has_triton: bool = True) -> str:
+    """Resolve `backend` for tensors on `device` and log once per (op, backend) which one runs.
+
+    has_native: the op is one of torch.ops.rlvr_fast.* (csrc/), so "native" is valid for it.
+    has_triton: the op has a Triton kernel (False: "auto" on CUDA means the PyTorch path).
+    """
+    allowed = tuple(b for b in BACKENDS if (b != "native" or has_native) and (b != "triton" or has_triton))
+    if backend not in allowed:
+        raise ValueError(f"{op}: backend must be one of {allowed}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
+        if has_triton and HAS_TRITON and device.type == "cuda":
+            backend = "triton"
+        elif has_native and device.type == "cpu":
+            backend = _cpu_default or ("native" if HAS_NATIVE else "torch")
+        else:
+            backend = "torch"
+    elif backend == "native":
+        if not HAS_NATIVE:
+            raise RuntimeError(f"{op}: backend='native' but the native CPU ops are {WHY_NOT}; "
+                               "or use backend='auto' / 'torch'")
+        if device.type != "cpu" and not (device.type == "cuda" and HAS_TRITON and has_triton):
+            raise RuntimeError(f"{op}: backend='native' has a kernel for CPU tensors"
+                               + (" (and CUDA ones when Triton is installed)" if has_triton else "")
+                               + f"; got {device} tensors")
     elif backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: backend='triton' but triton is not installed; use backend='torch' "

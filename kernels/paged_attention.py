@@ -10,7 +10,10 @@ it, walking the sequence's blocks with an online softmax (running max m, normali
 A program whose context length is 0 (a CUDA-graph padding row) writes zeros.
 
 Backends: CUDA tensors -> the Triton kernel (no host-side max length, so it can be captured in a
-CUDA graph); CPU tensors -> paged_reference.paged_attention_ref (gather + two batched matmuls).
+CUDA graph); CPU tensors -> the native op torch.ops.rlvr_fast.paged_attention (csrc/cpu/
+paged_attention.cpp: the same per-(sequence, kv head) online softmax in C++) when the extension is
+built, else paged_reference.paged_attention_ref (gather + two batched matmuls). The Triton launcher
+is also the CUDA kernel of torch.ops.rlvr_fast.paged_attention.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from rlvr_fast.kernels.paged_reference import paged_attention_ref
 
 from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
+from rlvr_fast.kernels.native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -92,15 +96,23 @@ def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+if HAS_TRITON:
+    register_cuda_kernel("paged_attention", _paged_attention_triton)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, scale: float | None = None, max_context_len: int | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Decode attention q [B, Hq, D] over paged caches -> [B, Hq, D] (see the module docstring).
 
     max_context_len (optional, torch path only) saves a device-to-host read of context_lens.max().
-    backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (also under TRITON_INTERPRET=1), "torch".
+    backend: "auto" (Triton on CUDA; on CPU native if built, else PyTorch), "triton" (also under
+    TRITON_INTERPRET=1), "native" (torch.ops.rlvr_fast.paged_attention), "torch".
     """
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    if pick_backend("paged_attention", backend, q.device) == "triton":
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    picked = pick_backend("paged_attention", backend, q.device, has_native=True)
+    if picked == "triton":
         return _paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if picked == "native":
+        return torch.ops.rlvr_fast.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)

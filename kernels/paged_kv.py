@@ -8,7 +8,9 @@ A negative slot means "skip this token": CUDA-graph decode batches are padded to
 and the padding rows must not write anywhere. Memory traffic: 2 * N * kv_heads * D elements read
 and written; the kernel is a pure copy, one program per token.
 
-Backends: CUDA tensors -> the Triton kernel; CPU tensors -> `index_copy_` (paged_reference.write_kv_ref).
+Backends: CUDA tensors -> the Triton kernel; CPU tensors -> the native op torch.ops.rlvr_fast.write_kv
+(csrc/ops.cpp: a memcpy per token and head) when the extension is built, else `index_copy_`
+(paged_reference.write_kv_ref). The Triton launcher is also the CUDA kernel of torch.ops.rlvr_fast.write_kv.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from rlvr_fast.kernels.paged_reference import write_kv_ref
 
 from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
+from rlvr_fast.kernels.native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -62,14 +65,23 @@ def _write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
     )
 
 
+if HAS_TRITON:
+    register_cuda_kernel("write_kv", _write_kv_triton)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, backend: str = "auto") -> None:
     """Scatter k, v [N, kv_heads, D] into the paged caches at slot_mapping [N] (negative = skip).
 
-    backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (also under TRITON_INTERPRET=1), "torch".
+    backend: "auto" (Triton on CUDA; on CPU native if built, else PyTorch), "triton" (also under
+    TRITON_INTERPRET=1), "native" (torch.ops.rlvr_fast.write_kv), "torch".
     """
-    if pick_backend("write_kv", backend, k.device) == "triton":
+    picked = pick_backend("write_kv", backend, k.device, has_native=True)
+    if picked == "triton":
         _write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        return
+    if picked == "native":
+        torch.ops.rlvr_fast.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
     keep = slot_mapping >= 0
     if not bool(keep.all()):

@@ -101,14 +101,17 @@ def top_k_top_p_mask(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
     top_k = 0 and top_p = 1 switch the filters off. Top-p keeps the smallest set of most likely
     tokens whose probability reaches top_p (always at least one). Ties at the k-th value are all kept.
-    Uses torch.topk / torch.sort: exact, and cheap next to the model on these vocab sizes.
+    Uses torch.topk / torch.sort: exact, and cheap next to the model on these vocab sizes. The sort
+    is stable, so among equal logits the lower token id comes first: with ties at the nucleus
+    boundary (common with bf16 logits) the kept set is then well defined, the same on every run,
+    and the same as the native kernel's (csrc/cpu/sampling.cpp).
     """
     z = z.clone()
     if top_k and top_k < z.shape[-1]:
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z.masked_fill_(z < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_z, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
         drop_sorted = before >= top_p
@@ -174,3 +177,26 @@ def log_softmax_at(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log_softmax(logits / T)[token] per row (T = 0 -> T = 1), for tests."""
     z = logits.float() / (temperature if temperature > 0 else 1.0)
     return F.log_softmax(z, dim=-1).gather(1, tokens[:, None].long()).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder-layer ops (native kernels in csrc/cpu/decode_layer.cpp; no Triton counterpart)
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * to_dtype(x_f32 * rsqrt(mean(x_f32^2) + eps)): rlvr_fast.model.llama.RMSNorm, op for op."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotary_embedding_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [N, Hq, D] and k [N, Hkv, D] with cos, sin [N, D] (HF's non-interleaved halves):
+    x * cos + cat(-x2, x1) * sin in x's dtype -- rlvr_fast.model.llama.apply_rotary on each, op for op."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+    return rotate(q), rotate(k)

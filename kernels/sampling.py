@@ -18,7 +18,14 @@ The PyTorch path (CPU) samples by inverse CDF with one uniform per row instead o
 also exact, but cheaper on a CPU (one uniform per row instead of V). The two backends therefore
 draw different (equally distributed) samples for the same key: seeds reproduce on one device type.
 
-Backends: CUDA tensors and plain temperature/greedy -> Triton; everything else -> PyTorch.
+On CPU the native op torch.ops.rlvr_fast.sample (csrc/cpu/sampling.cpp, when the extension is
+built) implements the PyTorch path's method exactly -- same uniform per key, same two-level float64
+search, top-k/top-p included -- so native and PyTorch draw the same tokens for the same keys (up to
+float rounding at a CDF boundary, ~1e-7 of draws).
+
+Backends: CUDA tensors and plain temperature/greedy -> Triton; CPU -> native if built, else
+PyTorch; CUDA with top-k/top-p -> PyTorch. torch.ops.rlvr_fast.sample on CUDA tensors runs this
+file's Triton launcher (or the PyTorch path for top-k/top-p).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from rlvr_fast.kernels.paged_reference import sample_ref
 
 from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
+from rlvr_fast.kernels.native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -85,19 +93,40 @@ def _sample_triton(logits: torch.Tensor, keys: torch.Tensor, temperature: float)
     return tokens, logprobs
 
 
-def sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+def _sample_cuda(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.rlvr_fast.sample on CUDA tensors: Triton for temperature/greedy, PyTorch for top-k/top-p."""
+    if top_k or top_p < 1.0:
+        return sample_ref(logits, keys, temperature, top_k, top_p)
+    if keys is None:
+        keys = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return _sample_triton(logits, keys, temperature)
+
+
+if HAS_TRITON:
+    register_cuda_kernel("sample", _sample_cuda)
+
+
+def sample(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, top_k: int = 0, top_p: float = 1.0,
            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [B, V] -> (tokens [B] int64, logprobs [B] float32).
 
     keys [B] int64 (>= 0): the per-row randomness; the same key and logits give the same token on
-    the same device type. temperature 0 = greedy. logprobs are log_softmax(logits / T) at the
-    token (T = 1 for greedy), over the full vocabulary even when top-k / top-p filtered the draw.
-    backend: "auto" (Triton on CUDA when no top-k/top-p, else PyTorch), "triton", "torch".
+    the same device type. temperature 0 = greedy (keys may be None on CPU). logprobs are
+    log_softmax(logits / T) at the token (T = 1 for greedy), over the full vocabulary even when
+    top-k / top-p filtered the draw.
+    backend: "auto" (CUDA: Triton when no top-k/top-p, else PyTorch; CPU: native if built, else
+    PyTorch), "triton", "native" (torch.ops.rlvr_fast.sample), "torch".
     """
     filtered = bool(top_k) or top_p < 1.0
     if filtered and backend == "triton":
         raise ValueError("the Triton sampler handles temperature/greedy only; use backend='torch' for top-k/top-p")
-    op = "sample (top-k/top-p: sort path)" if filtered else "sample"
-    if pick_backend(op, "torch" if filtered else backend, logits.device) == "triton":
+    if filtered and backend == "auto" and logits.device.type == "cuda":
+        backend = "torch"  # the sort path
+    op = "sample (top-k/top-p)" if filtered else "sample"
+    picked = pick_backend(op, backend, logits.device, has_native=True)
+    if picked == "triton":
         return _sample_triton(logits, keys, temperature)
+    if picked == "native":
+        return torch.ops.rlvr_fast.sample(logits, keys, float(temperature), int(top_k), float(top_p))
     return sample_ref(logits, keys, temperature, top_k, top_p)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlvr_fast.grpo.config import TrainConfig
+from rlvr_fast.grpo.precision import pick_dtype
 
 log = logging.getLogger("rlvr_fast")
 
@@ -92,12 +93,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda given but no CUDA device is available (use --device cpu)")
     return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def main(argv: list[str] | None = None) -> int:

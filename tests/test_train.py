@@ -58,7 +58,7 @@ def tiny(tmp_path_factory):
 def args(model, output, *extra):
     return ["--model", str(model), "--output", str(output), "--prompts-per-step", "2", "--group-size", "4",
             "--max-new-tokens", "6", "--eval-size", "3", "--eval-every", "0", "--save-every", "0", "--sample-every", "1",
-            "--micro-batch-tokens", "48", "--lr", "1e-3", "--warmup-steps", "0", *extra]
+            "--micro-batch-tokens", "48", "--lr", "1e-3", "--warmup-steps", "0", "--dtype", "float32", *extra]
 
 
 def test_two_steps_write_metrics_and_a_loadable_checkpoint(tiny, tmp_path):
@@ -78,9 +78,10 @@ def test_two_steps_write_metrics_and_a_loadable_checkpoint(tiny, tmp_path):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
 
 
-def test_resume_equals_straight_run(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_equals_straight_run(tiny, tmp_path, dtype):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ("--task", "digits-test", "--beta", "0.05", "--num-iterations", "2")
+    common = ("--task", "digits-test", "--beta", "0.05", "--num-iterations", "2", "--dtype", dtype)
     assert main(args(tiny, straight, *common, "--steps", "4")) == 0
     assert main(args(tiny, split, *common, "--steps", "2")) == 0
     assert main(["--resume", str(split), "--steps", "4"]) == 0
@@ -185,13 +186,16 @@ def test_micro_batching_equals_one_batch(tiny, tmp_path, monkeypatch, loss_type)
         grads.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record_instead_of_step)
-    for budget in ("4096", "40"):
-        assert main(args(tiny, tmp_path / f"run{budget}", "--task", "digits-test", "--steps", "1", "--loss-type",
-                         loss_type, "--micro-batch-tokens", budget, "--beta", "0.1", "--max-grad-norm", "0")) == 0
-    one, many = grads
-    assert len(one) == len(many) > 0
-    for a, b in zip(one, many):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    # One big micro-batch of plain sequences vs shared-prompt segments in one batch and in many small ones.
+    for name, budget, share in (("one", "4096", "--no-share-prompts"), ("shared", "4096", "--share-prompts"),
+                                ("many", "40", "--share-prompts")):
+        assert main(args(tiny, tmp_path / name, "--task", "digits-test", "--steps", "1", "--loss-type", loss_type,
+                         "--micro-batch-tokens", budget, share, "--beta", "0.1", "--max-grad-norm", "0")) == 0
+    one, shared, many = grads
+    assert len(one) == len(shared) == len(many) > 0
+    for a, b, c in zip(one, shared, many):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-4)
     assert any(a.abs().sum() > 0 for a in one)
 
 

@@ -52,10 +52,13 @@ class TrainConfig:
     scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
     micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
+    share_prompts: bool = opt(True, "train each group's prompt once per micro-batch, its completions attending to "
+                                    "that one copy (exact; fewer tokens)")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
     # machine
-    dtype: str = opt("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16", choices=("auto", "float32", "bfloat16"))
+    dtype: str = opt("auto", "weights dtype: auto (bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32), "
+                     "float32, bfloat16 (bf16 trains fp32 master weights)", choices=("auto", "float32", "bfloat16"))
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     seed: int = opt(0, "seed for data, sampling and initialisation")
     # evaluation and output

@@ -7,9 +7,11 @@
    dropped before any training compute is spent on them.
 4. Reference log-probs (beta > 0) from a frozen copy of the initial weights, and old log-probs
    (num_iterations > 1), both under no_grad with the fused kernels.
-5. Policy update: packed micro-batches under a token budget, `fused_linear_grpo_loss` on the
-   hidden states (the [tokens, vocab] logits never exist), gradient accumulation weighted so the
-   result equals one big batch, clipping, AdamW with warm-up.
+5. Policy update: packed micro-batches under a token budget, each group's prompt fed once for
+   all its completions (batching.py), `fused_linear_grpo_loss` on the hidden states (the
+   [tokens, vocab] logits never exist), gradient accumulation weighted so the result equals one
+   big batch, clipping, AdamW with warm-up; with bf16 weights the optimizer steps fp32 masters
+   (precision.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
 from rlvr_fast.grpo.checkpointing import latest_checkpoint, load_state, save_checkpoint
 from rlvr_fast.grpo.config import TrainConfig
+from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import JsonlWriter, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
@@ -62,7 +65,8 @@ class GRPOTrainer:
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         model.gradient_checkpointing = cfg.grad_checkpoint
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks())
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+        self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
+        self.optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
         self.step = 0
@@ -135,7 +139,7 @@ class GRPOTrainer:
     # ---- log-probs and the update --------------------------------------------------------
 
     def _hidden(self, model, mb: MicroBatch) -> torch.Tensor:
-        hidden = model.forward_hidden(mb.input_ids, mb.cu_seqlens, mb.max_seqlen)
+        hidden = model.forward_packed(mb.input_ids, mb.packed_batch())
         return mb.gather(hidden)  # [B, T, H]
 
     @torch.no_grad()
@@ -158,7 +162,7 @@ class GRPOTrainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.master.zero_grad()
         sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0}
         for mb in micro_batches:
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
@@ -177,17 +181,19 @@ class GRPOTrainer:
             sums["loss"] += float(loss.detach()) * share
             for key, stat in (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac")):
                 sums[key] += float(stats[stat]) * token_share
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.master.grads_to_master()
+        params = [p for p in self.master.master_params if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
+            self.master.master_to_model(self.step)
             self.bad_steps = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                         self.step + 1, sums["loss"], float(grad_norm), self.bad_steps)
+        self.master.zero_grad()  # gradients are not needed past the step: free them before the next rollout
         return {**sums, "grad_norm": float(grad_norm), "skipped_update": not finite}
 
     def train_step(self) -> dict[str, Any]:
@@ -200,11 +206,12 @@ class GRPOTrainer:
         ro = self.rollout(problems, params, cfg.group_size)
         adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
 
-        samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0)
+        samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i)
                    for i, group in enumerate(ro.completions) if not zero_std[i] for j, c in enumerate(group)]
         for k, s in enumerate(samples):
             s.index = k
-        micro_batches = [make_micro_batch(b).to(self.device) for b in split_by_tokens(samples, cfg.micro_batch_tokens)]
+        micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
+                         for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
         t_ref = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
@@ -228,7 +235,7 @@ class GRPOTrainer:
         lengths = [len(c.token_ids) for group in ro.completions for c in group]
         gen_tokens = sum(lengths)
         sampled_lp = [lp for group in ro.completions for c in group for lp in c.logprobs]
-        train_tokens = sum(s.length for s in samples) * cfg.num_iterations
+        train_tokens = sum(mb.num_tokens for mb in micro_batches) * cfg.num_iterations  # completion tokens
         names = sorted({k for row in ro.components for c in row for k in c})
         m = {
             "step": self.step,
@@ -298,7 +305,7 @@ class GRPOTrainer:
     # ---- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), 
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "master_weights": self.master.state_dict(),
                 "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
@@ -312,6 +319,7 @@ class GRPOTrainer:
         state = load_state(checkpoint)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
+        self.master.load_state_dict(state.get("master_weights"))
         self.rng.setstate(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.bad_steps = state["bad_steps"]

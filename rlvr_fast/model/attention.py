@@ -13,6 +13,14 @@ padding at all. Only attention needs to know the sequence boundaries:
 
 The backend is chosen per call from the tensors, and logged once.
 
+Shared-prompt packing (GRPO training): a *segment* holds one prompt followed by several
+completions of it, [prompt, c1, c2, ...], so the prompt's tokens are computed once for the whole
+group. `branch_ids` marks each token (0 = prompt, j = completion j) and `positions` restart after
+the prompt for every completion. A token attends to earlier tokens of its segment that are in the
+prompt or in its own branch: exactly the attention each completion would get packed alone, so the
+hidden states are the same, at a fraction of the tokens. This needs a mask, so it always runs on
+SDPA (flash-attn's varlen entry point has no tree masks).
+
 Generation adds a paged KV cache (`KVCacheContext`): every layer writes the keys/values of the new
 tokens into cache blocks, then either attends among the new tokens with the varlen path above
 (prefill: the new tokens are whole sequences) or reads each sequence's cached blocks (decode: one
@@ -54,6 +62,23 @@ class PackedBatch:
     positions: torch.Tensor   # [N] int64, position of each token inside its own sequence
     seq_ids: torch.Tensor     # [N] int64, which sequence each token belongs to
     equal_lengths: bool       # every sequence is max_seqlen long: padding-free reshape suffices
+    offsets: torch.Tensor | None = None     # [N] int64, slot of each token in its sequence (default: positions)
+    branch_ids: torch.Tensor | None = None  # [N] int64, shared-prompt segments only (see the module doc)
+    _mask: torch.Tensor | None = None       # the segments' attention mask, built by the first layer
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = self.positions
+
+    def tree_mask(self) -> torch.Tensor:
+        """[B, 1, L, L] bool: causal, and never across two completions of one prompt."""
+        if self._mask is None:
+            b, length, dev = self.num_seqs, self.max_seqlen, self.positions.device
+            branch = torch.zeros(b, length, dtype=torch.long, device=dev)
+            branch[self.seq_ids, self.offsets] = self.branch_ids
+            causal = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+            self._mask = (causal & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))[:, None]
+        return self._mask
 
     @property
     def num_seqs(self) -> int:
@@ -72,6 +97,18 @@ class PackedBatch:
         positions = torch.arange(n, device=cu_seqlens.device) - cu_seqlens[:-1].long()[seq_ids]
         equal = bool((lengths == max_seqlen).all())
         return cls(cu_seqlens, max_seqlen, positions, seq_ids, equal)
+
+    @classmethod
+    def shared_prompt(cls, cu_seqlens: torch.Tensor, positions: torch.Tensor, branch_ids: torch.Tensor,
+                      max_seqlen: int | None = None) -> "PackedBatch":
+        """Segments [prompt, c1, c2, ...] with per-token rotary positions and branch ids (0 = prompt)."""
+        batch = cls.from_cu_seqlens(cu_seqlens, max_seqlen)
+        if positions.shape != batch.positions.shape or branch_ids.shape != batch.positions.shape:
+            raise ValueError(f"positions and branch_ids must have one entry per token ({batch.positions.numel()}), "
+                             f"got {list(positions.shape)} and {list(branch_ids.shape)}")
+        batch.offsets, batch.positions = batch.positions, positions.long()
+        batch.branch_ids, batch.equal_lengths = branch_ids.long(), False
+        return batch
 
     @classmethod
     def equal_length(cls, batch: int, seqlen: int, device: torch.device) -> "PackedBatch":
@@ -111,6 +148,9 @@ class KVCacheContext:
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hkv, D] (Hq a multiple of Hkv) -> [N, Hq, D], causal within each sequence."""
+    if batch.branch_ids is not None:
+        _log_backend_once("torch sdpa (shared-prompt segments, tree mask)")
+        return _sdpa_padded(q, k, v, batch)
     if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         _log_backend_once("flash_attn (varlen)")
         return flash_attn_varlen_func(q, k, v, batch.cu_seqlens, batch.cu_seqlens,
@@ -122,25 +162,27 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     n, hq, d = q.shape
     b, length = batch.num_seqs, batch.max_seqlen
+    offsets = batch.offsets  # slot of each token in its padded row (not its rotary position in segments)
     if batch.equal_lengths:  # a plain [B, T] batch: reshape, no copy
         pad = lambda x: x.view(b, length, x.shape[1], d)
     else:
         def pad(x: torch.Tensor) -> torch.Tensor:
             out = x.new_zeros(b, length, x.shape[1], d)
-            out[batch.seq_ids, batch.positions] = x
+            out[batch.seq_ids, offsets] = x
             return out
     # [B, L, H, D] -> [B, H, L, D]
     qp, kp, vp = (pad(x).transpose(1, 2) for x in (q, k, v))
+    kwargs = {"attn_mask": batch.tree_mask()} if batch.branch_ids is not None else {"is_causal": True}
     if hq != k.shape[1]:
         if _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qp, kp, vp, enable_gqa=True, **kwargs)
         else:
             groups = hq // k.shape[1]
             out = F.scaled_dot_product_attention(qp, kp.repeat_interleave(groups, 1),
-                                                 vp.repeat_interleave(groups, 1), is_causal=True)
+                                                 vp.repeat_interleave(groups, 1), **kwargs)
     else:
-        out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+        out = F.scaled_dot_product_attention(qp, kp, vp, **kwargs)
     out = out.transpose(1, 2)  # [B, L, Hq, D]
     if batch.equal_lengths:
         return out.reshape(n, hq, d)
-    return out[batch.seq_ids, batch.positions]
+    return out[batch.seq_ids, offsets]

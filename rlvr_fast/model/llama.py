@@ -11,9 +11,14 @@ with no renaming. Two entry points:
   materialized. `model.logits(hidden)` applies the head when they are wanted.
 * `model.forward_cached(input_ids, cache)`: the rollout engine's entry point; packed new tokens
   [N] plus a KVCacheContext (paged KV cache, slots, positions) -> hidden states [N, H].
+  On the CPU the engine runs it inside `model.packed_for_rollout()`, which swaps in fused,
+  pre-packed projection weights for the duration of one generate() call (see packed.py).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -22,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlvr_fast.model.attention import KVCacheContext, PackedBatch, varlen_causal_attention
 from rlvr_fast.model.config import LlamaConfig
+from rlvr_fast.model.packed import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -61,19 +67,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.packed: dict[str, PackedLinear] | None = None  # set only during a CPU rollout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch | None,
                 cache: KVCacheContext | None = None) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        packed = self.packed if not torch.is_grad_enabled() else None
+        if packed is not None:
+            q, k, v = packed["qkv"](x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
         else:
             out = cache.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = out.reshape(n, self.num_heads * self.head_dim)
+        return packed["o"](out) if packed is not None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -83,8 +96,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.packed: dict[str, PackedLinear] | None = None  # set only during a CPU rollout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and not torch.is_grad_enabled():
+            gate, up = self.packed["gate_up"](x)
+            return self.packed["down"](F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -124,6 +141,7 @@ class LlamaForCausalLM(nn.Module):
         # derived from the config, never stored in checkpoints.
         self._inv_freq = cfg.rope_inv_freq()
         self.gradient_checkpointing = False
+        self._packed_head: PackedLinear | None = None
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                        max_seqlen: int | None = None) -> torch.Tensor:
@@ -137,6 +155,11 @@ class LlamaForCausalLM(nn.Module):
         if int(cu_seqlens[-1]) != input_ids.numel():
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but input_ids holds {input_ids.numel()} tokens")
         return self._run(input_ids, PackedBatch.from_cu_seqlens(cu_seqlens.to(input_ids.device), max_seqlen))
+
+    def forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Final hidden states [N, H] of packed input_ids [N] laid out by `batch` (e.g. the trainer's
+        shared-prompt segments, PackedBatch.shared_prompt)."""
+        return self._run(input_ids, batch)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCacheContext) -> torch.Tensor:
         """Hidden states [N, H] of the packed new tokens input_ids [N], reading/writing the paged KV cache."""
@@ -157,7 +180,29 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._packed_head is not None and not torch.is_grad_enabled():
+            return self._packed_head(hidden)
         return self.lm_head(hidden)
+
+    @contextmanager
+    def packed_for_rollout(self) -> Iterator[None]:
+        """Within this block (no_grad), the cached forward and logits use fused, pre-packed copies of
+        the projection weights (CPU only; a no-op elsewhere). Built on entry from the current
+        weights, dropped on exit: training between rollouts needs no re-sync."""
+        if self.device.type != "cpu" or torch.is_grad_enabled():
+            yield
+            return
+        try:
+            for layer in self.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.packed = {"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])}
+                m.packed = {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])}
+            self._packed_head = PackedLinear([self.lm_head])
+            yield
+        finally:
+            for layer in self.model.layers:
+                layer.self_attn.packed = layer.mlp.packed = None
+            self._packed_head = None
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:

@@ -166,7 +166,8 @@ class RolloutEngine:
         stop_ids = set(params.stop_token_ids)
         eos_ids = set() if params.ignore_eos else set(self.eos_token_ids) - stop_ids
         start_time = time.perf_counter()
-        with torch.inference_mode():
+        # On the CPU, packed_for_rollout swaps in fused, pre-packed projection weights for this call.
+        with torch.inference_mode(), self.model.packed_for_rollout():
             while scheduler.has_work():
                 batch = scheduler.schedule()
                 tokens, logprobs = runner.run(batch, params)

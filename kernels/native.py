@@ -1,0 +1,118 @@
+"""The optional C++ extension `rlvr_fast._C` (csrc/): its rollout ops as `torch.ops.rlvr_fast.*`.
+
+Importing `rlvr_fast._C` registers the ops, their schemas and CPU kernels:
+
+    torch.ops.rlvr_fast.write_kv(k, v, k_cache, v_cache, slot_mapping) -> None    (caches mutated)
+    torch.ops.rlvr_fast.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale) -> out
+    torch.ops.rlvr_fast.sample(logits, keys, temperature, top_k=0, top_p=1.0) -> (tokens, logprobs)
+    torch.ops.rlvr_fast.rms_norm(x, weight, eps) -> out
+    torch.ops.rlvr_fast.rotary_embedding(q, k, cos, sin) -> (q_out, k_out)
+
+paged_kv.py, paged_attention.py and sampling.py register their Triton launchers for the CUDA
+dispatch key of the first three, so each picks its kernel by device; their public functions
+(write_kv, paged_attention, sample) are the entry points the model code calls. The last two fuse
+a decoder layer's small ops for the CPU decode path (a few microseconds of dispatch each is what
+they cost there) and have no CUDA kernel; their entry points, `rms_norm` and `rotary_embedding`,
+are at the bottom of this file, their references in paged_reference.py. This module also registers
+fake (meta) implementations, so the ops trace under torch.compile.
+
+HAS_NATIVE is False when the extension was not built (no compiler at install time,
+RLVR_FAST_NO_EXT=1) or when RLVR_FAST_NO_NATIVE=1 is set (for A/B runs and tests); one log line
+then says that the PyTorch reference ops run. Build it with a C++ compiler and
+`pip install --no-build-isolation -e .`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("rlvr_fast.kernels")
+
+BUILD_HINT = "build them with: pip install --no-build-isolation -e . (needs a C++ compiler, g++ or clang++)"
+
+HAS_NATIVE = False
+WHY_NOT = ""
+if os.environ.get("RLVR_FAST_NO_NATIVE", "0") == "1":
+    WHY_NOT = "disabled by RLVR_FAST_NO_NATIVE=1"
+else:
+    try:
+        importlib.import_module("rlvr_fast._C")  # loading the .so registers torch.ops.rlvr_fast.*
+        HAS_NATIVE = True
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
+        WHY_NOT = f"not built ({exc}; {BUILD_HINT})"
+
+if HAS_NATIVE:
+
+    @torch.library.register_fake("rlvr_fast::paged_attention")
+    def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("rlvr_fast::sample")
+    def _sample_fake(logits, keys, temperature, top_k=0, top_p=1.0):
+        b = logits.shape[0]
+        return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(b, dtype=torch.float32))
+
+    @torch.library.register_fake("rlvr_fast::write_kv")
+    def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("rlvr_fast::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("rlvr_fast::rotary_embedding")
+    def _rotary_embedding_fake(q, k, cos, sin):
+        return torch.empty_like(q), torch.empty_like(k)
+
+elif WHY_NOT.startswith("disabled"):
+    log.info("rlvr_fast: native CPU ops %s; using the PyTorch reference ops", WHY_NOT)
+else:
+    log.warning("rlvr_fast: native CPU ops %s; using the PyTorch reference ops", WHY_NOT)
+
+
+def register_cuda_kernel(op: str, fn) -> None:
+    """Register `fn` (a Triton launcher with the op's signature) for the CUDA key of rlvr_fast::`op`."""
+    if HAS_NATIVE:
+        torch.library.register_kernel(f"rlvr_fast::{op}", "cuda", fn)
+
+
+# ------------------------------------------------------------------ decoder-layer ops (CPU only)
+
+import rlvr_fast.kernels._common as _common  # noqa: E402  (a module reference: _common imports this module)
+from rlvr_fast.kernels.paged_reference import rms_norm_ref, rotary_embedding_ref  # noqa: E402
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of x [..., H] exactly as rlvr_fast.model.llama.RMSNorm computes it, in one op on CPU.
+
+    backend: "auto" (native on CPU when built, else PyTorch), "native", "torch". The native op has
+    no backward: when autograd needs one (grad mode and an input requiring grad), "auto" runs the
+    PyTorch path.
+    """
+    picked = _common.pick_backend("rms_norm", backend, x.device, has_native=True, has_triton=False)
+    if picked == "native" and not (backend == "auto" and _needs_grad(x, weight)):
+        return torch.ops.rlvr_fast.rms_norm(x, weight, float(eps))
+    return rms_norm_ref(x, weight, eps)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q [N, Hq, D] and k [N, Hkv, D] with cos, sin [N, D], bit-identical to
+    rlvr_fast.model.llama.apply_rotary on each; one op on CPU for both. New tensors; q, k may be
+    strided views (e.g. of a fused qkv projection) with unit stride along D.
+
+    backend: "auto" (native on CPU when built, else PyTorch), "native", "torch". The native op has
+    no backward: when autograd needs one, "auto" runs the PyTorch path.
+    """
+    picked = _common.pick_backend("rotary_embedding", backend, q.device, has_native=True, has_triton=False)
+    if picked == "native" and not (backend == "auto" and _needs_grad(q, k, cos, sin)):
+        return torch.ops.rlvr_fast.rotary_embedding(q, k, cos, sin)
+    return rotary_embedding_ref(q, k, cos, sin)
