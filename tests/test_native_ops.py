@@ -77,7 +77,7 @@ ATTENTION_CASES = [(6, 2, 16, 4), (4, 4, 8, 8), (9, 3, 24, 16), (9, 3, 64, 16), 
 
 
 @pytest.mark.parametrize("hq, hkv, d, block_size", ATTENTION_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_paged_attention_matches_reference(hq, hkv, d, block_size, dtype):
     # Odd lengths, a context of 1, one exactly 3 blocks, one longer than a 16-token tile and a 128-token chunk.
     lengths = [3 * block_size + 1, 1, 17, 3 * block_size, 33, 150, 5]
@@ -94,8 +94,8 @@ def test_paged_attention_matches_reference(hq, hkv, d, block_size, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     else:
-        # bf16 rule (flash-attention's): no worse than 2x the PyTorch bf16 path's error against fp32, plus
-        # the output rounding to bf16 itself (fp32 accumulation makes the native op the more accurate one).
+        # 16-bit rule (flash-attention's): no worse than 2x the PyTorch path's error in that dtype against fp32,
+        # plus the output's own rounding (fp32 accumulation makes the native op the more accurate one).
         ref_err = (paged_attention_ref(q, k_cache, v_cache, tables, lens).float() - want).abs().max()
         err = (got.float() - want).abs().max()
         assert err <= 2 * ref_err + 1e-2, (err, ref_err)
@@ -142,7 +142,7 @@ def test_greedy_is_argmax_with_first_index_ties():
     logits = (torch.randn(9, 1000, generator=g) * 3).round()  # many exact ties, also for the max
     logits[1, 500:] = logits[1].max()  # the max tied over half the row
     logits[2, 999] = 1e4  # the last index
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = logits.to(dtype)
         tok, lp = sample(x, None, 0.0, backend="native")
         assert torch.equal(tok, x.float().argmax(-1))
