@@ -64,9 +64,13 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, adv_pt
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
         m = m_new
-    lse = tl.where(m == -float("inf"), 0.0, m) + tl.log(s)
+    # Keep the max and log(s) apart: logp = (z_y - m) - log(s) rounds once per small term, where
+    # z_y - (m + log s) would first round lse to the ulp of a large number (up to a few 1e-7
+    # relative), an error that the target's p (near 1, in g * (1 - p)) turns into a gradient error.
+    m = tl.where(m == -float("inf"), 0.0, m)
+    log_s = tl.log(s)
     tgt = tl.load(tgt_ptr + n)
-    logp = tl.load(x_row + tgt).to(tl.float32) * inv_t - lse
+    logp = (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s
 
     # The GRPO terms of this token. Padding (w == 0) may hold garbage old/ref: never used.
     w = tl.load(w_ptr + n)
@@ -93,7 +97,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, adv_pt
             idx = start + cols
             ok = idx < V
             z = tl.load(x_row + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
-            dz = tl.where(idx == tgt, g, 0.0) - g * tl.exp(z - lse)
+            dz = tl.where(idx == tgt, g, 0.0) - g * tl.exp((z - m) - log_s)
             tl.store(x_row + idx, (dz * inv_t).to(x_ptr.dtype.element_ty), mask=ok)
 
 
