@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rlvr_fast.kernels.native import rms_norm, rotary_embedding
 from rlvr_fast.model.attention import KVCacheContext, PackedBatch, varlen_causal_attention
 from rlvr_fast.model.config import LlamaConfig
 from rlvr_fast.model.packed import PackedLinear
@@ -80,10 +81,11 @@ class Attention(nn.Module):
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
-        else:
+        else:  # rollout: one fused op for both (the C++ op on CPU when built; bit-identical)
+            q, k = rotary_embedding(q, k, cos, sin)
             out = cache.attend(self.layer_idx, q, k, v)
         out = out.reshape(n, self.num_heads * self.head_dim)
         return packed["o"](out) if packed is not None else self.o_proj(out)
@@ -115,8 +117,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch | None,
                 cache: KVCacheContext | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(_norm(self.input_layernorm, x, cache), cos, sin, batch, cache)
+        return x + self.mlp(_norm(self.post_attention_layernorm, x, cache))
+
+
+def _norm(norm: RMSNorm, x: torch.Tensor, cache: KVCacheContext | None) -> torch.Tensor:
+    """RMSNorm; during a rollout (cache given) as one fused op, which saves a few microseconds of dispatch
+    per call on CPU decode steps. Only there: its fp32 sum of squares runs in another order (a bf16
+    element can move by one ulp), and the trainer's log-probs with and without grad must come from
+    one formula."""
+    return norm(x) if cache is None else rms_norm(x, norm.weight, norm.eps)
 
 
 class LlamaModel(nn.Module):
@@ -177,7 +187,7 @@ class LlamaForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, batch, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, batch, cache)
-        return self.model.norm(x)
+        return _norm(self.model.norm, x, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._packed_head is not None and not torch.is_grad_enabled():
