@@ -94,7 +94,7 @@ def _row_lse(x_row, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
     # relative), an error that the target's p (near 1, in g * (1 - p)) turns into a gradient error.
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
-    ent = 0.0
+    ent = log_s  # a placeholder tensor without ENTROPY (never read)
     if ENTROPY:
         ent = log_s - zs / s
     return m, log_s, ent
@@ -164,7 +164,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
     # Pass 2: dL/dx = w * dl/dlogp * (onehot - p) / T (+ the entropy term), over the logits in place.
     if WRITE_GRAD:
         g = tl.where(real, w * dloss, 0.0)
-        h = 0.0
+        h = g  # placeholder without ENTROPY (never read)
         if ENTROPY:
             h = tl.where(real, -ent_coef * w, 0.0)
         _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V, ENTROPY)
@@ -192,13 +192,13 @@ def _rows_grad_kernel(x_ptr, stride_row, tgt_ptr, lse_ptr, g_ptr, h_ptr, V, inv_
     r = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + r * stride_row
     lse = lse_ptr + r * 4
-    h = 0.0
-    ent = 0.0
+    g = tl.load(g_ptr + r)
+    h = g  # placeholders without ENTROPY (never read)
+    ent = g
     if ENTROPY:
         h = tl.load(h_ptr + r)
         ent = tl.load(lse + 3)
-    _row_grad(x_row, V, inv_t, tl.load(tgt_ptr + r), tl.load(lse + 1), tl.load(lse + 2), tl.load(g_ptr + r), h, ent,
-              BLOCK_V, ENTROPY)
+    _row_grad(x_row, V, inv_t, tl.load(tgt_ptr + r), tl.load(lse + 1), tl.load(lse + 2), g, h, ent, BLOCK_V, ENTROPY)
 
 
 # ----------------------------------------------------------------------------- per-call constants
