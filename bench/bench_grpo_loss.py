@@ -3,10 +3,15 @@ PyTorch expressions, torch.compile of them, Liger-Kernel's fused GRPO loss, and 
 
     python bench/bench_grpo_loss.py                   # both tables
     python bench/bench_grpo_loss.py --ops fused       # one of them
+    python bench/bench_grpo_loss.py --variant gspo    # a loss variant (dapo, gspo, dual, tis, entropy, all)
+    python bench/bench_grpo_loss.py --b 2 --t 8 --h 16 --v 64 --reps 1 --impls naive,ours --no-write  # smoke run
 
 Shapes: grpo_loss on B x T = 1024 x 1024 (1M tokens); fused on CPU B=8 T=256 H=576 V=49152
 fp32 (the trainer's model), on CUDA B=64 T=256 H=4096 V=128256 bf16. beta=0.04 with a
 reference, old log-probs given, loss_type grpo, ~10% padding. forward under no_grad.
+--variant adds one loss variant's options to naive, compiled and ours (liger is timed for the
+default only): dapo (num_tokens = the batch's tokens), gspo (ratio_level="sequence"), dual
+(delta=1.5), tis (rollout log-probs, tis_cap=2), entropy (fused only: entropy_coef=0.01), all.
 On CUDA grpo_loss also reports GB/s: minimal traffic is 16 B/token read in forward (logp, old,
 ref, mask) and 16 B/token more with the backward (write + read dL/dlogp, write the gradient).
 """
@@ -24,6 +29,21 @@ from common import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_a
 
 VARIANTS = {"grpo": ["naive", "compiled", "ours"], "fused": ["naive", "compiled", "liger", "ours", "matmuls"]}
 MODES = ["fwd", "fwdbwd"]
+LOSS_VARIANTS = ("grpo", "dapo", "gspo", "dual", "tis", "entropy", "all")
+
+
+def variant_kwargs(variant: str, op: str, old, mask) -> dict:
+    """The loss options of a --variant (shared by naive, compiled and ours)."""
+    g = torch.Generator(device=old.device).manual_seed(2)
+    roll = old + torch.randn(old.shape, device=old.device, generator=g) * 0.1
+    kw = {"grpo": {}, "dapo": {"loss_type": "dapo", "num_tokens": int(mask.sum())},
+          "gspo": {"ratio_level": "sequence"}, "dual": {"delta": 1.5},
+          "tis": {"rollout_logprobs": roll, "tis_cap": 2.0}, "entropy": {"entropy_coef": 0.01},
+          "all": {"loss_type": "dapo", "num_tokens": int(mask.sum()), "ratio_level": "sequence", "delta": 1.5,
+                  "rollout_logprobs": roll, "tis_cap": 2.0, "entropy_coef": 0.01}}[variant]
+    if op == "grpo":
+        kw.pop("entropy_coef", None)  # an option of the fused loss only
+    return kw
 
 
 def parse():
@@ -36,6 +56,8 @@ def parse():
     p.add_argument("--v", type=int, default=128256 if cuda else 49152)
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--reps", type=int, default=10 if cuda else 3)
+    p.add_argument("--variant", default="grpo", choices=LOSS_VARIANTS, help="loss variant to time (default: grpo)")
+    p.add_argument("--impls", default=None, help="comma-separated subset of the implementations (default: all)")
     p.add_argument("--no-write", action="store_true")
     args, _ = p.parse_known_args()
     return args
@@ -73,7 +95,8 @@ def make(variant: str, mode: str, device: str):
         logp.requires_grad_(not fwd_only)
         inputs = [logp]
         op = {"naive": grpo_loss_ref, "ours": grpo_loss, "compiled": torch.compile(grpo_loss_ref)}[variant]
-        call = lambda: op(logp, old, ref, adv, mask, beta=0.04)[0]  # noqa: E731
+        kw = variant_kwargs(a.variant, op_name, old, mask)
+        call = lambda: op(logp, old, ref, adv, mask, beta=0.04, **kw)[0]  # noqa: E731
     else:
         dtype = getattr(torch, a.dtype)
         g = torch.Generator(device=device).manual_seed(1)
@@ -91,6 +114,8 @@ def make(variant: str, mode: str, device: str):
                 return (lambda: hd @ wd.T), {}
             return (lambda: (hd @ wd.T, logits @ wd, logits.T @ hd)), {}
         if variant == "liger":
+            if a.variant != "grpo":
+                return None, {"skip": "default loss only"}
             try:
                 from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
             except ImportError:
@@ -100,7 +125,8 @@ def make(variant: str, mode: str, device: str):
         else:
             op = {"naive": fused_linear_grpo_loss_ref, "ours": fused_linear_grpo_loss,
                   "compiled": torch.compile(fused_linear_grpo_loss_ref)}[variant]
-            call = lambda: op(h, w, y, old, ref, adv, mask, beta=0.04)[0]  # noqa: E731
+            kw = variant_kwargs(a.variant, op_name, old, mask)
+            call = lambda: op(h, w, y, old, ref, adv, mask, beta=0.04, **kw)[0]  # noqa: E731
 
     def run():
         if fwd_only:
@@ -114,9 +140,13 @@ def main():
     a = parse()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for op in a.ops.split(","):
+        if op == "grpo" and a.variant == "entropy":
+            print("bench_grpo_loss: skipping grpo (entropy_coef is an option of fused_linear_grpo_loss only)",
+                  file=sys.stderr)
+            continue
         b, t = shape(op, a)
-        variants = VARIANTS[op]
-        print(f"bench_grpo_loss [{op}] on {device}: B={b} T={t}", file=sys.stderr)
+        variants = [v for v in VARIANTS[op] if a.impls is None or v in a.impls.split(",")]
+        print(f"bench_grpo_loss [{op}, {a.variant}] on {device}: B={b} T={t}", file=sys.stderr)
         res = run_all(os.path.abspath(__file__), variants, MODES, device, a.reps, ["--op", op, *sys.argv[1:]])
         get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
         header = ["variant", "fwd ms", "fwd peak extra MiB", "fwd+bwd ms", "fwd+bwd peak extra MiB",
@@ -146,6 +176,8 @@ def main():
             title, what = "grpo_loss", f"grpo_loss on [B, T] = [{b}, {t}] fp32 log-probs"
         else:
             title, what = "fused_linear_grpo_loss", f"fused_linear_grpo_loss, B={b} T={t} H={a.h} V={a.v} {a.dtype}"
+        if a.variant != "grpo":
+            title, what = f"{title} ({a.variant})", f"{what}, loss variant {a.variant}"
         body = (f"{what} on {device}. naive = kernels/reference.py (log_softmax of the full logits for the fused "
                 f"op); compiled = torch.compile of it; liger = LigerFusedLinearGRPOLoss; fwd under no_grad.\n\n"
                 + markdown_table(header, rows))

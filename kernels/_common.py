@@ -110,6 +110,14 @@ def pick_backend(op: str, backend: str, device: torch.device, has_native: bool =
     return backend
 
 
+def log_path(op: str, path: str, why: str) -> None:
+    """Log once per (op, path) which code path of an op runs and why, like the backend choice
+    (for options that take a different, possibly slower, path than the default)."""
+    if (op, path) not in _LOGGED:
+        _LOGGED.add((op, path))
+        log.info("%s: %s path (%s)", op, path, why)
+
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -1,10 +1,12 @@
 """The GRPO loss straight from hidden states and the lm_head: one pass, gradients included.
 
 Math: logp = linear_token_logprobs(hidden, weight, targets, T), then exactly `grpo_loss` (see
-grpo_loss.py): L = sum_t w_t * l_t(logp_t), with w_t from the mask and loss_type.
+grpo_loss.py, including its variants): L = sum_t w_t * l_t(logp_t), with w_t from the mask and
+loss_type; optionally minus an entropy bonus (below).
 
-Since l_t depends on token t's own logp only, dL/dlogp_t = w_t * dl_t/dlogp is known as soon as
-logp_t is. So the forward does everything, chunk by chunk over the N = B*T tokens:
+With a token-level ratio, l_t depends on token t's own logp only, so dL/dlogp_t = w_t * dl_t/dlogp
+is known as soon as logp_t is. So the forward does everything, chunk by chunk over the N = B*T
+tokens:
 
     logits_c        = hidden_c @ weight.T                      matmul 1
     row kernel      : lse pass over the row (read), logp, the GRPO token terms, then
@@ -14,6 +16,25 @@ logp_t is. So the forward does everything, chunk by chunk over the N = B*T token
 
 and the backward only multiplies the stashed gradients by grad_output: 3 matmuls in all, no
 recompute, peak extra memory O(C x V) plus the stashed grads.
+
+Entropy bonus (`entropy_coef`): L -= coef * sum_t w_t H_t, H_t the entropy of softmax(logits_t / T),
+with the same token weights w_t as the loss_type (grpo: per-completion mean, then mean over
+completions; bnpo / dapo: token mean; dr_grpo: sum / (B L)), not multiplied by TIS weights. Equal
+weights keep gradient accumulation over micro-batches exact, as for the loss itself. H_t comes from
+the same lse pass (online sum of p * (z - max), so no cancellation against a large max), and its
+gradient joins the in-place pass:
+
+    H = log s - sum_j e_j (z_j - m) / s,    dL/dz_j += coef * w_t * p_j * (log p_j + H)
+
+GSPO (`ratio_level="sequence"`): token t's gradient needs its completion's ratio s_i, known only
+once every logp of that row is. The GSPO path therefore works on whole completions: chunks hold
+whole rows (chunk_size // T of them), and per chunk it runs the lse kernel (logp, max, log s,
+entropy per token), the grpo_loss kernels on those rows ([rows, T], GSPO's row pass included),
+then the gradient kernel in place over the same logits and the two gradient matmuls: still 3
+matmuls, one extra launch and [C, 4] floats per chunk. When one completion does not fit in a
+chunk (T > chunk_size; on the torch backend: more real tokens than chunk_size), that row's logits
+are computed twice (4 matmuls for it: the "recompute" path), which is logged once on the
+`rlvr_fast.kernels` logger, like the backend; pass chunk_size >= T to avoid it.
 
 Trade-offs (chosen, documented):
 * The stash costs a [V, H] grad_weight buffer (weight.dtype, accumulated with addmm: fp32 inside
@@ -34,45 +55,82 @@ hidden: [B, T, H] (matching targets and mask [B, T]) or already flat [B*T, H] in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ._common import check_index, check_same_device, check_temperature, interpreting, pick_backend, tl, triton
-from .grpo_loss import check_grpo_args, grpo_token_terms, grpo_token_terms_torch, loss_weights, stats_dict
+from ._common import check_index, check_temperature, log_path, pick_backend, tl, triton
+from .grpo_loss import (STAT_NAMES, TIS_STAT_NAMES, LossTerms, check_grpo_args, grpo_core, grpo_token_terms,
+                        grpo_token_terms_torch, loss_weights, stats_dict, tis_weight, tis_weight_torch)
 from .linear_token_logprobs import check_linear_args, pick_chunk_size
 from .token_logprobs import _block_v
 
-N_TOK_STATS = 5  # per token: w * loss, kl, ratio, clipped_low, clipped_high
+OP = "fused_linear_grpo_loss"
 
-# ----------------------------------------------------------------------------- Triton kernel
+# ----------------------------------------------------------------------------- Triton kernels
 
 
 @triton.jit
-def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, adv_ptr, w_ptr, stats_ptr, row0, T, V,
-                            inv_t, clip_low, clip_high, beta, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
-                            WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    # One program per token of the chunk; n is its index among all B*T tokens.
-    r = tl.program_id(0).to(tl.int64)
-    n = row0 + r
-    x_row = x_ptr + r * stride_row
+def _row_lse(x_row, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """Pass 1 over a row of logits x: (m, log s, entropy) of z = x / T, with s = sum exp(z - m)."""
     cols = tl.arange(0, BLOCK_V)
-    # Pass 1: online logsumexp of z = x / T (read the row once).
     m = -float("inf")
     s = 0.0
+    zs = 0.0        # sum of exp(z - m_ref) * (z - m_ref) (entropy only)
+    prev_ref = 0.0  # the m_ref that zs is relative to (finite, unlike m before the first value)
     for start in range(0, V, BLOCK_V):
         z = tl.load(x_row + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref), axis=0)
+        scale = tl.exp(m - m_ref)
+        e = tl.exp(z - m_ref)  # 0 in the padding
+        if ENTROPY:  # move zs to the new reference: sum e' (z - m_ref) = scale * (zs - (m_ref - prev) * s)
+            zs = (zs - (m_ref - prev_ref) * s) * scale + tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
+            prev_ref = m_ref
+        s = s * scale + tl.sum(e, axis=0)
         m = m_new
     # Keep the max and log(s) apart: logp = (z_y - m) - log(s) rounds once per small term, where
     # z_y - (m + log s) would first round lse to the ulp of a large number (up to a few 1e-7
     # relative), an error that the target's p (near 1, in g * (1 - p)) turns into a gradient error.
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
+    ent = log_s  # a placeholder tensor without ENTROPY (never read)
+    if ENTROPY:
+        ent = log_s - zs / s
+    return m, log_s, ent
+
+
+@triton.jit
+def _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """Pass 2, in place: dL/dx = (g * [j == y] - p_j * (g + h * (log p_j + H))) / T (h = dL/dH)."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        ok = idx < V
+        z = tl.load(x_row + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
+        lp = (z - m) - log_s
+        p = tl.exp(lp)
+        dz = tl.where(idx == tgt, g, 0.0) - g * p
+        if ENTROPY:
+            dz -= h * p * tl.where(p > 0.0, lp + ent, 0.0)  # -inf logits: p = 0, no 0 * inf
+        tl.store(x_row + idx, (dz * inv_t).to(x_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_ptr, adv_ptr, w_ptr, stats_ptr, row0,
+                            T, V, inv_t, clip_low, clip_high, beta, delta, tis_cap, ent_coef,
+                            HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
+                            HAS_TIS: tl.constexpr, ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                            NS: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per token of the chunk; n is its index among all B*T tokens. Token-level ratio only.
+    r = tl.program_id(0).to(tl.int64)
+    n = row0 + r
+    x_row = x_ptr + r * stride_row
+    m, log_s, ent = _row_lse(x_row, V, inv_t, BLOCK_V, ENTROPY)
     tgt = tl.load(tgt_ptr + n)
     logp = (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s
 
-    # The GRPO terms of this token. Padding (w == 0) may hold garbage old/ref: never used.
+    # The GRPO terms of this token. Padding (w == 0) may hold garbage old/ref/rollout: never used.
     w = tl.load(w_ptr + n)
     real = w != 0.0
     old = logp
@@ -81,60 +139,291 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, adv_pt
     ref = logp
     if HAS_REF:
         ref = tl.where(real, tl.load(ref_ptr + n), logp)
+    tis_w = logp
+    if HAS_TIS:
+        tis_w, capped = tis_weight(old, tl.where(real, tl.load(roll_ptr + n), old), tis_cap)
     adv = tl.load(adv_ptr + n // T)
-    loss, dloss, kl, ratio, lo, hi = grpo_token_terms(logp, old, ref, adv, clip_low, clip_high, beta, HAS_REF)
-    out = stats_ptr + r * 5
-    tl.store(out + 0, tl.where(real, w * loss, 0.0))
+    ratio = tl.exp(logp - old)
+    loss, dloss, kl, lo, hi = grpo_token_terms(ratio, ratio, logp, ref, adv, tis_w, clip_low, clip_high, beta,
+                                               delta, HAS_REF, HAS_DELTA, HAS_TIS, False)
+    tok_loss = w * loss
+    if ENTROPY:
+        tok_loss -= ent_coef * (w * ent)
+    out = stats_ptr + r * NS
+    tl.store(out + 0, tl.where(real, tok_loss, 0.0))
     tl.store(out + 1, tl.where(real, kl, 0.0))
     tl.store(out + 2, tl.where(real, ratio, 0.0))
     tl.store(out + 3, tl.where(real, lo, 0.0))
     tl.store(out + 4, tl.where(real, hi, 0.0))
+    if HAS_TIS:
+        tl.store(out + 5, tl.where(real, tis_w, 0.0))
+        tl.store(out + 6, tl.where(real, capped, 0.0))
+    if ENTROPY:
+        tl.store(out + NS - 1, tl.where(real, ent, 0.0))
 
-    # Pass 2: dL/dx = w * dl/dlogp * (onehot - p) / T, over the logits in place (read + write).
+    # Pass 2: dL/dx = w * dl/dlogp * (onehot - p) / T (+ the entropy term), over the logits in place.
     if WRITE_GRAD:
         g = tl.where(real, w * dloss, 0.0)
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            ok = idx < V
-            z = tl.load(x_row + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
-            dz = tl.where(idx == tgt, g, 0.0) - g * tl.exp((z - m) - log_s)
-            tl.store(x_row + idx, (dz * inv_t).to(x_ptr.dtype.element_ty), mask=ok)
+        h = g  # placeholder without ENTROPY (never read)
+        if ENTROPY:
+            h = tl.where(real, -ent_coef * w, 0.0)
+        _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V, ENTROPY)
 
 
-def _chunk_triton(logits, row0, T, targets, old, ref, adv, tok_w, inv_t, clip_low, clip_high, beta, write_grad):
-    """logits [C, V] (fresh, overwritten by dL/dlogits when write_grad) -> per-token stats [C, 5]."""
+@triton.jit
+def _rows_lse_kernel(x_ptr, stride_row, tgt_ptr, out_ptr, V, inv_t, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    # GSPO path, pass 1: per token (logp, m, log s, entropy) into out [C, 4].
+    r = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + r * stride_row
+    m, log_s, ent = _row_lse(x_row, V, inv_t, BLOCK_V, ENTROPY)
+    tgt = tl.load(tgt_ptr + r)
+    out = out_ptr + r * 4
+    tl.store(out + 0, (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s)
+    tl.store(out + 1, m)
+    tl.store(out + 2, log_s)
+    if ENTROPY:
+        tl.store(out + 3, ent)
+
+
+@triton.jit
+def _rows_grad_kernel(x_ptr, stride_row, tgt_ptr, lse_ptr, g_ptr, h_ptr, V, inv_t, ENTROPY: tl.constexpr,
+                      BLOCK_V: tl.constexpr):
+    # GSPO path, pass 2: the logits become dL/dlogits given g = dL/dlogp and h = dL/dentropy per token.
+    r = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + r * stride_row
+    lse = lse_ptr + r * 4
+    g = tl.load(g_ptr + r)
+    h = g  # placeholders without ENTROPY (never read)
+    ent = g
+    if ENTROPY:
+        h = tl.load(h_ptr + r)
+        ent = tl.load(lse + 3)
+    _row_grad(x_row, V, inv_t, tl.load(tgt_ptr + r), tl.load(lse + 1), tl.load(lse + 2), g, h, ent, BLOCK_V, ENTROPY)
+
+
+# ----------------------------------------------------------------------------- per-call constants
+
+
+@dataclass(slots=True)
+class Tokens:
+    """The per-token constants of one call, flat over the N = B*T tokens (fp32, contiguous)."""
+    targets: torch.Tensor              # [N] int
+    old: torch.Tensor | None           # [N]
+    ref: torch.Tensor | None           # [N]
+    roll: torch.Tensor | None          # [N] rollout log-probs (TIS)
+    adv: torch.Tensor                  # [B]
+    tok_w: torch.Tensor                # [N] weight of each token in L (0 at padding)
+    row_w: torch.Tensor                # [B]
+    mask: torch.Tensor                 # [B, T] float32
+    T: int
+    ent_coef: float
+
+    def stat_width(self) -> int:
+        return 5 + (2 if self.roll is not None else 0) + (1 if self.ent_coef != 0.0 else 0)
+
+
+# ----------------------------------------------------------------------------- chunk helpers, both backends
+
+
+def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
+    """Token-level path: logits [C, V] (fresh, overwritten by dL/dlogits when write_grad) -> stats [C, NS]."""
     c, v = logits.shape
-    assert logits.stride(1) == 1 and all(x is None or x.is_contiguous() for x in (targets, old, ref, adv, tok_w))
-    stats = torch.empty(c, N_TOK_STATS, device=logits.device, dtype=torch.float32)
+    assert logits.stride(1) == 1
+    ns, entropy = tk.stat_width(), tk.ent_coef != 0.0
+    stats = torch.empty(c, ns, device=logits.device, dtype=torch.float32)
     block, warps = _block_v(v)
-    _fused_grpo_rows_kernel[(c,)](logits, logits.stride(0), targets, old if old is not None else tok_w,
-                                  ref if ref is not None else tok_w, adv, tok_w, stats, row0, T, v, inv_t,
-                                  clip_low, clip_high, beta, HAS_OLD=old is not None, HAS_REF=ref is not None,
-                                  WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps)
+    dummy = tk.tok_w
+    _fused_grpo_rows_kernel[(c,)](logits, logits.stride(0), tk.targets, tk.old if tk.old is not None else dummy,
+                                  tk.ref if tk.ref is not None else dummy, tk.roll if tk.roll is not None else dummy,
+                                  tk.adv, tk.tok_w, stats, row0, tk.T, v, inv_t, *o.launch_args(), tk.ent_coef,
+                                  HAS_OLD=tk.old is not None, HAS_REF=tk.ref is not None,
+                                  HAS_DELTA=o.delta is not None, HAS_TIS=tk.roll is not None, ENTROPY=entropy,
+                                  WRITE_GRAD=write_grad, NS=ns, BLOCK_V=block, num_warps=warps)
     return stats
 
 
-# ----------------------------------------------------------------------------- PyTorch path (CPU)
-
-
-def _chunk_torch(logits, inv_t, targets, old, ref, adv, tok_w, clip_low, clip_high, beta, write_grad):
-    """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, 5], dlogits)."""
+def _lse_torch(logits, inv_t: float, targets, entropy: bool):
+    """logits [C, V] -> (log_softmax(logits / T) fp32 [C, V], logp [C], entropy [C] or None)."""
     z = logits.float()
     z = z.mul_(inv_t) if inv_t != 1.0 else z
     logp_all = torch.log_softmax(z, dim=-1)
     del z
-    tgt = targets.unsqueeze(1)
-    logp = logp_all.gather(1, tgt).squeeze(1)
-    loss, dloss, kl, ratio, lo, hi = grpo_token_terms_torch(logp, logp if old is None else old, ref, adv,
-                                                            clip_low, clip_high, beta)
-    stats = torch.stack([tok_w * loss, kl, ratio, lo, hi], dim=1)
+    logp = logp_all.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ent = -torch.where(logp_all > -float("inf"), logp_all.exp() * logp_all, 0.0).sum(-1) if entropy else None
+    return logp_all, logp, ent
+
+
+def _grad_torch(logp_all, targets, g, h, ent, inv_t: float, dtype) -> torch.Tensor:
+    """dL/dlogits = (g * onehot - p * (g + h * (log p + H))) / T, in place over logp_all; h None: no entropy."""
+    coef = g.unsqueeze(1)
+    if h is not None:  # where(): -inf logits have p = 0 and must not give 0 * inf
+        coef = torch.where(logp_all > -float("inf"), (logp_all + ent[:, None]) * h[:, None], 0.0) + coef
+    dz = logp_all.exp_().mul_(coef.neg())
+    dz.scatter_add_(1, targets.unsqueeze(1), g.unsqueeze(1))
+    dz = dz.mul_(inv_t) if inv_t != 1.0 else dz
+    return dz.to(dtype)
+
+
+def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, write_grad):
+    """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits)."""
+    entropy = ent_coef != 0.0
+    logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
+    old = logp if old is None else old
+    tis_w, capped = tis_weight_torch(old, roll, o.tis_cap) if roll is not None else (None, None)
+    ratio = torch.exp(logp - old)
+    loss, dloss, kl, lo, hi = grpo_token_terms_torch(ratio, ratio, logp, ref, adv, tis_w, o)
+    tok_loss = tok_w * loss
+    if entropy:
+        tok_loss = tok_loss - ent_coef * (tok_w * ent)
+    cols = [tok_loss, kl, ratio, lo, hi] + ([tis_w, capped] if roll is not None else []) + ([ent] if entropy else [])
+    stats = torch.stack(cols, dim=1)
     if not write_grad:
         return stats, None
-    g = (tok_w * dloss).unsqueeze(1)
-    dz = logp_all.exp_().mul_(g.neg())  # -g * p, in place over the log-probs
-    dz.scatter_add_(1, tgt, g)
-    dz = dz.mul_(inv_t) if inv_t != 1.0 else dz
-    return stats, dz.to(logits.dtype)
+    h = -ent_coef * tok_w if entropy else None
+    return stats, _grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t, logits.dtype)
+
+
+def _lse_chunk(backend, logits, targets, inv_t, entropy):
+    """GSPO path, pass 1 of a chunk -> (state for _grad_chunk, logp [C], entropy [C] or None)."""
+    if backend == "triton":
+        lse = torch.zeros(logits.shape[0], 4, device=logits.device, dtype=torch.float32)
+        block, warps = _block_v(logits.shape[1])
+        _rows_lse_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, logits.shape[1], inv_t,
+                                             ENTROPY=entropy, BLOCK_V=block, num_warps=warps)
+        return (logits, lse), lse[:, 0], (lse[:, 3] if entropy else None)
+    logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
+    return (logp_all, ent), logp, ent
+
+
+def _grad_chunk(backend, state, targets, g, h, inv_t, dtype) -> torch.Tensor:
+    """GSPO path, pass 2 of a chunk: dL/dlogits [C, V] (in place over the state's buffer)."""
+    if backend == "triton":
+        logits, lse = state
+        block, warps = _block_v(logits.shape[1])
+        _rows_grad_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, g, h if h is not None else g,
+                                              logits.shape[1], inv_t, ENTROPY=h is not None, BLOCK_V=block,
+                                              num_warps=warps)
+        return logits
+    logp_all, ent = state
+    return _grad_torch(logp_all, targets, g, h, ent, inv_t, dtype)
+
+
+# ----------------------------------------------------------------------------- forward loops
+
+
+def _token_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk, backend):
+    """The default (token-level ratio) loop: one row kernel per chunk -> summed stats [NS]."""
+    n = hidden.shape[0]
+    write_grad = grad_h is not None or grad_w is not None
+    if backend == "triton":
+        stats = torch.empty(n, tk.stat_width(), device=hidden.device, dtype=torch.float32)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            h = hidden[s:e]
+            logits = h @ weight.T
+            stats[s:e] = _chunk_triton(logits, s, tk, inv_t, o, write_grad)
+            if grad_h is not None:
+                torch.mm(logits, weight, out=grad_h[s:e])  # logits now hold dL/dlogits
+            if grad_w is not None:
+                grad_w.addmm_(logits.T, h)
+        return stats.sum(0)
+    real = (tk.tok_w != 0).nonzero().squeeze(1)  # drop padding before any matmul
+    stats = torch.zeros(real.numel(), tk.stat_width(), device=hidden.device, dtype=torch.float32)
+    adv_tok = tk.adv.repeat_interleave(tk.T)
+    for s in range(0, real.numel(), chunk):
+        idx = real[s:s + chunk]
+        h = hidden.index_select(0, idx)
+        pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
+        st, dlogits = _chunk_torch(h @ weight.T, inv_t, pick(tk.targets), pick(tk.old), pick(tk.ref), pick(tk.roll),
+                                   pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, write_grad)
+        stats[s:s + idx.numel()] = st
+        if grad_h is not None:
+            grad_h.index_copy_(0, idx, dlogits @ weight)
+        if grad_w is not None:
+            grad_w.addmm_(dlogits.T, h)
+    return stats.sum(0)
+
+
+def _row_groups(counts: list[int], chunk: int) -> list[tuple[int, int]]:
+    """Greedy [r0, r1) groups of consecutive rows whose token counts sum to <= chunk (a bigger row alone)."""
+    groups, r0, total = [], 0, 0
+    for r, c in enumerate(counts):
+        if r > r0 and total + c > chunk:
+            groups.append((r0, r))
+            r0, total = r, 0
+        total += c
+    if counts:
+        groups.append((r0, len(counts)))
+    return groups
+
+
+def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk, backend):
+    """The GSPO loop (see the module docstring): whole completions per chunk -> summed stats [NS]."""
+    b, t = tk.mask.shape
+    write_grad = grad_h is not None or grad_w is not None
+    entropy = tk.ent_coef != 0.0
+    if backend == "triton":  # all T positions of a row (no host sync)
+        counts, tokens = [t] * b, None
+    else:  # real tokens only (the torch path syncs anyway)
+        tokens = (tk.tok_w != 0).nonzero().squeeze(1)
+        counts = (tk.mask != 0).sum(-1).tolist()
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    groups = _row_groups(counts, chunk)
+    if any(offsets[r1] - offsets[r0] > chunk for r0, r1 in groups):
+        log_path(OP, "GSPO recompute", f"a completion has more tokens than chunk_size={chunk}: its logits are "
+                                       "computed twice (4 matmuls); pass chunk_size >= T to avoid it")
+    else:
+        log_path(OP, "GSPO whole-completion chunks", "3 matmuls, like the token-level ratio")
+    sums = 0.0
+    for r0, r1 in groups:
+        a, z = offsets[r0], offsets[r1]
+        idx = torch.arange(r0 * t, r1 * t, device=hidden.device) if tokens is None else tokens[a:z]
+        spans = [(s, min(s + chunk, z - a)) for s in range(0, z - a, chunk)]
+        keep = write_grad and len(spans) == 1  # else recompute the logits in pass 2
+        logp = torch.zeros(r1 * t - r0 * t, device=hidden.device, dtype=torch.float32)
+        ent = torch.zeros_like(logp) if entropy else None
+        states = []
+        for s, e in spans:
+            h_c = hidden.index_select(0, idx[s:e]) if tokens is not None else hidden[r0 * t + s:r0 * t + e]
+            state, lp, en = _lse_chunk(backend, h_c @ weight.T, tk.targets[idx[s:e]], inv_t, entropy)
+            pos = idx[s:e] - r0 * t
+            logp[pos] = lp
+            if entropy:
+                ent[pos] = en
+            states.append(state if keep else None)
+        rows = slice(r0, r1)
+        tok = slice(r0 * t, r1 * t)
+        view = lambda x: None if x is None else x[tok].view(r1 - r0, t)  # noqa: E731
+        dlogp, s_g = grpo_core(backend, logp.view(r1 - r0, t), view(tk.old), view(tk.ref), view(tk.roll),
+                               tk.adv[rows], tk.mask[rows], tk.row_w[rows], o, write_grad)
+        if entropy:
+            w = tk.tok_w[tok]
+            ent_sum = torch.where(w != 0, ent, 0.0).sum()
+            s_g = torch.cat([s_g[:1] - tk.ent_coef * (w * ent).sum(), s_g[1:], ent_sum[None]])
+        sums = sums + s_g
+        if not write_grad:
+            continue
+        for (s, e), state in zip(spans, states):
+            sel = idx[s:e]
+            h_c = hidden.index_select(0, sel) if tokens is not None else hidden[r0 * t + s:r0 * t + e]
+            if state is None:
+                state = _lse_chunk(backend, h_c @ weight.T, tk.targets[sel], inv_t, entropy)[0]
+            pos = sel - r0 * t
+            g = dlogp.view(-1)[pos].contiguous()
+            hh = (-tk.ent_coef * tk.tok_w[sel]).contiguous() if entropy else None
+            dlogits = _grad_chunk(backend, state, tk.targets[sel], g, hh, inv_t, hidden.dtype)
+            if grad_h is not None:
+                if tokens is None:
+                    torch.mm(dlogits, weight, out=grad_h[r0 * t + s:r0 * t + e])
+                else:
+                    grad_h.index_copy_(0, sel, dlogits @ weight)
+            if grad_w is not None:
+                grad_w.addmm_(dlogits.T, h_c)
+    if not groups:  # B == 0
+        return torch.zeros(tk.stat_width(), device=hidden.device)
+    return sums
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -142,42 +431,14 @@ def _chunk_torch(logits, inv_t, targets, old, ref, adv, tok_w, clip_low, clip_hi
 
 class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old, ref, adv, tok_w, T: int, inv_t: float, clip_low: float,
-                clip_high: float, beta: float, need_h: bool, need_w: bool, chunk: int, backend: str):
-        # hidden [N, H]; targets, old, ref, tok_w: [N]; adv [B] (token n belongs to completion n // T).
-        n = hidden.shape[0]
-        write_grad = need_h or need_w
+    def forward(ctx, hidden, weight, tk: Tokens, inv_t: float, o: LossTerms, need_h: bool, need_w: bool, chunk: int,
+                backend: str):
+        # hidden [N, H]; the per-token constants in tk (token n belongs to completion n // T).
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        if backend == "triton":
-            stats = torch.empty(n, N_TOK_STATS, device=hidden.device, dtype=torch.float32)
-            for s in range(0, n, chunk):
-                e = min(s + chunk, n)
-                h = hidden[s:e]
-                logits = h @ weight.T
-                stats[s:e] = _chunk_triton(logits, s, T, targets, old, ref, adv, tok_w, inv_t, clip_low,
-                                           clip_high, beta, write_grad)
-                if need_h:
-                    torch.mm(logits, weight, out=grad_h[s:e])  # logits now hold dL/dlogits
-                if need_w:
-                    grad_w.addmm_(logits.T, h)
-        else:
-            real = (tok_w != 0).nonzero().squeeze(1)  # drop padding before any matmul
-            stats = torch.zeros(real.numel(), N_TOK_STATS, device=hidden.device, dtype=torch.float32)
-            adv_tok = adv.float().repeat_interleave(T)
-            for s in range(0, real.numel(), chunk):
-                idx = real[s:s + chunk]
-                h = hidden.index_select(0, idx)
-                pick = lambda x: None if x is None else x.index_select(0, idx).float()  # noqa: E731
-                st, dlogits = _chunk_torch(h @ weight.T, inv_t, targets.index_select(0, idx), pick(old), pick(ref),
-                                           pick(adv_tok), pick(tok_w), clip_low, clip_high, beta, write_grad)
-                stats[s:s + idx.numel()] = st
-                if need_h:
-                    grad_h.index_copy_(0, idx, dlogits @ weight)
-                if need_w:
-                    grad_w.addmm_(dlogits.T, h)
+        loop = _sequence_level if o.seq else _token_level
+        sums = loop(hidden, weight, tk, inv_t, o, grad_h, grad_w, chunk, backend)
         ctx.grads = (grad_h, grad_w)
-        sums = stats.sum(0)
         ctx.mark_non_differentiable(sums)
         return sums[0].clone(), sums
 
@@ -193,15 +454,18 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
             grad_h.mul_(grad_loss)
         if grad_w is not None:
             grad_w.mul_(grad_loss)
-        return (grad_h, grad_w) + (None,) * 14
+        return (grad_h, grad_w) + (None,) * 7
 
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                           advantages: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
-                           clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.04,
-                           loss_type: str = "grpo", max_completion_len: int | None = None,
-                           chunk_size: int | None = None, backend: str = "auto"):
+                           advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
+                           clip_high: float = 0.2, beta: float = 0.04, loss_type: str = "grpo",
+                           max_completion_len: int | None = None, num_tokens: int | torch.Tensor | None = None,
+                           ratio_level: str = "token", delta: float | None = None,
+                           rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
+                           entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
+                           backend: str = "auto"):
     """grpo_loss(linear_token_logprobs(hidden, weight, targets, temperature), ...) in one fused pass.
 
     Args:
@@ -209,39 +473,51 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         weight: [V, H] lm_head weight, same dtype/device as hidden.
         targets: [B, T] int64 completion token ids (any valid id at padding).
         old_logprobs, ref_logprobs, advantages, mask, clip_low, clip_high, beta, loss_type,
-            max_completion_len: as in `grpo_loss` (old/ref [B, T], advantages [B], mask [B, T]).
+            max_completion_len, num_tokens, ratio_level, delta, rollout_logprobs, tis_cap: as in
+            `grpo_loss` (old/ref/rollout [B, T], advantages [B], mask [B, T]).
+        entropy_coef: subtract coef x the entropy of softmax(logits / T), aggregated with the
+            loss_type's token weights (see the module docstring); computed in the same pass.
         temperature: the sampling temperature; log-probs are those of softmax(logits / T).
         chunk_size: tokens per chunk (default: from a memory budget, see linear_token_logprobs).
+            With ratio_level="sequence" keep it >= T (else some logits are computed twice, logged).
         backend: "auto" | "triton" | "torch".
 
     Returns:
-        (loss, stats) exactly like `grpo_loss`. Gradients for hidden and weight are computed in
-        the forward (see the module docstring for the memory trade-off) and skipped under no_grad.
+        (loss, stats) like `grpo_loss`; stats also has ``entropy`` (mean over real tokens) when
+        entropy_coef != 0, and stats["loss"] includes the entropy bonus. Gradients for hidden and
+        weight are computed in the forward (see the module docstring for the memory trade-off) and
+        skipped under no_grad.
     """
-    op = "fused_linear_grpo_loss"
-    check_linear_args(op, hidden, weight)
-    check_index(op, "targets", targets)
+    check_linear_args(OP, hidden, weight)
+    check_index(OP, "targets", targets)
     if targets.dim() != 2:
-        raise ValueError(f"{op}: targets must be [B, T] (completion token ids), got shape {list(targets.shape)}")
+        raise ValueError(f"{OP}: targets must be [B, T] (completion token ids), got shape {list(targets.shape)}")
     b, t = targets.shape
     if tuple(hidden.shape[:-1]) not in ((b, t), (b * t,)):
-        raise ValueError(f"{op}: hidden must be [B, T, H] = [{b}, {t}, H] (or [B*T, H]) to match targets, "
+        raise ValueError(f"{OP}: hidden must be [B, T, H] = [{b}, {t}, H] (or [B*T, H]) to match targets, "
                          f"got {list(hidden.shape)}")
-    check_grpo_args(op, {"hidden": hidden, "weight": weight, "targets": targets}, old_logprobs, ref_logprobs,
-                    advantages, mask, (b, t), clip_low=clip_low, clip_high=clip_high, beta=beta,
-                    loss_type=loss_type, max_completion_len=max_completion_len)
-    inv_t = 1.0 / check_temperature(op, temperature)
+    terms = check_grpo_args(OP, {"hidden": hidden, "weight": weight, "targets": targets}, old_logprobs,
+                            ref_logprobs, advantages, mask, (b, t), clip_low=clip_low, clip_high=clip_high,
+                            beta=beta, loss_type=loss_type, max_completion_len=max_completion_len,
+                            num_tokens=num_tokens, ratio_level=ratio_level, delta=delta,
+                            rollout_logprobs=rollout_logprobs, tis_cap=tis_cap)
+    if isinstance(entropy_coef, torch.Tensor) or not isinstance(entropy_coef, (int, float)):
+        raise ValueError(f"{OP}: entropy_coef must be a Python float, got {entropy_coef!r}")
+    inv_t = 1.0 / check_temperature(OP, temperature)
     device = hidden.device
-    backend = pick_backend(op, backend, device)
+    backend = pick_backend(OP, backend, device)
 
-    row_w, count = loss_weights(mask, loss_type, max_completion_len)
-    tok_w = (row_w[:, None] * (mask != 0)).reshape(-1).contiguous()       # [N] weight of each token in L
+    row_w, count = loss_weights(mask, loss_type, max_completion_len, num_tokens)
+    mask32 = mask.to(torch.float32).contiguous()
+    tok_w = (row_w[:, None] * (mask32 != 0)).reshape(-1).contiguous()       # [N] weight of each token in L
     flat = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
+    tk = Tokens(targets.reshape(-1).contiguous(), flat(old_logprobs), flat(ref_logprobs), flat(rollout_logprobs),
+                advantages.float().contiguous(), tok_w, row_w.float().contiguous(), mask32, t, float(entropy_coef))
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     chunk = pick_chunk_size(b * t, weight.shape[0], device, weight.dtype, chunk_size)
-    loss, sums = FusedLinearGRPOFunction.apply(
-        hidden.reshape(b * t, -1).contiguous(), weight, targets.reshape(-1).contiguous(), flat(old_logprobs),
-        flat(ref_logprobs), advantages.float().contiguous(), tok_w, t, inv_t, float(clip_low), float(clip_high),
-        float(beta), need_h, need_w, chunk, backend)
-    return loss, stats_dict(sums, count)
+    loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, terms,
+                                               need_h, need_w, chunk, backend)
+    names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ()) + \
+        (("entropy",) if entropy_coef != 0.0 else ())
+    return loss, stats_dict(sums, count, names)

@@ -32,9 +32,25 @@ def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
     return token_logprobs_ref(hidden @ weight.T, targets, temperature, return_entropy)
 
 
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_len, num_tokens):
+    """The loss_type's weighted token sum of per_token [B, T] (mask: 0/1 in per_token's dtype)."""
+    b, t = mask.shape
+    if loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
+    if loss_type == "bnpo":    # mean over all real tokens
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
+        return (per_token * mask).sum() / (b * (max_completion_len or t))
+    if loss_type == "dapo":    # sum over tokens / the generation batch's token count (or this batch's)
+        return (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
 def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                  beta: float = 0.04, loss_type: str = "grpo", max_completion_len: int | None = None):
+                  beta: float = 0.04, loss_type: str = "grpo", max_completion_len: int | None = None,
+                  num_tokens=None, ratio_level: str = "token", delta: float | None = None,
+                  rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None):
     """The GRPO loss over [B, T] completion tokens, and its statistics (see grpo_loss.py for the math)."""
     real = mask != 0
     # Masked positions may hold anything (padding, -inf): zero them before any exp, so that
@@ -44,24 +60,26 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
     old = logp.detach() if old_logprobs is None else clean(old_logprobs)
     mask = real.to(logp.dtype)
     adv = _upcast(advantages).unsqueeze(-1)                        # [B, 1]
-    ratio = torch.exp(logp - old)
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
+    if ratio_level == "token":
+        ratio = torch.exp(logp - old)
+    elif ratio_level == "sequence":  # GSPO: one ratio per completion, the exp of its mean log-ratio
+        seq_log_ratio = ((logp - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(seq_log_ratio).expand_as(logp)
+    else:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}")
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # dual clip
+    surrogate = torch.minimum(unclipped * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     if ref_logprobs is not None:
         d = clean(ref_logprobs) - logp
         kl = torch.exp(d) - d - 1
     else:
         kl = torch.zeros_like(logp)
     per_token = -(surrogate - beta * kl)                            # [B, T]
-
-    b, t = logp.shape
-    if loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
-    elif loss_type == "bnpo":  # mean over all real tokens
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
-        loss = (per_token * mask).sum() / (b * (max_completion_len or t))
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+    if rollout_logprobs is not None:  # truncated importance sampling: a constant weight per token
+        tis = torch.exp(old - clean(rollout_logprobs)).detach()
+        tis_w = tis if tis_cap is None else torch.clamp(tis, max=tis_cap)
+        per_token = per_token * tis_w
+    loss = _aggregate(per_token, mask, loss_type, max_completion_len, num_tokens)
 
     count = mask.sum().clamp(min=1)
     clip_lo = (ratio < 1 - clip_low) & (adv < 0)
@@ -73,12 +91,29 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
         "clip_low_frac": (clip_lo * mask).sum() / count,
         "clip_high_frac": (clip_hi * mask).sum() / count,
     }
+    if rollout_logprobs is not None:
+        stats["tis_weight_mean"] = (tis_w * mask).sum() / count
+        stats["tis_capped_frac"] = ((tis > tis_cap) * mask).sum() / count if tis_cap is not None else 0 * count
     return loss, stats
 
 
 def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               old_logprobs, ref_logprobs, advantages, mask, *, temperature: float = 1.0, **kw):
-    """grpo_loss_ref of linear_token_logprobs_ref; hidden is [B, T, H] (or [B*T, H]), targets [B, T]."""
+                               old_logprobs, ref_logprobs, advantages, mask, *, temperature: float = 1.0,
+                               entropy_coef: float = 0.0, **kw):
+    """grpo_loss_ref of linear_token_logprobs_ref; hidden is [B, T, H] (or [B*T, H]), targets [B, T].
+
+    entropy_coef: subtract coef x the entropy of softmax(logits / T), aggregated over the tokens
+    with the loss_type's weights (the same as the loss's, without the TIS weight)."""
     b, t = targets.shape
-    logp = linear_token_logprobs_ref(hidden.reshape(b * t, -1), weight, targets.reshape(-1), temperature)
-    return grpo_loss_ref(logp.view(b, t), old_logprobs, ref_logprobs, advantages, mask, **kw)
+    logp, ent = linear_token_logprobs_ref(hidden.reshape(b * t, -1), weight, targets.reshape(-1), temperature,
+                                          return_entropy=True)
+    loss, stats = grpo_loss_ref(logp.view(b, t), old_logprobs, ref_logprobs, advantages, mask, **kw)
+    if entropy_coef != 0.0:
+        real = mask != 0
+        ent = torch.where(real, ent.view(b, t), 0.0)
+        m = real.to(ent.dtype)
+        loss = loss - entropy_coef * _aggregate(ent, m, kw.get("loss_type", "grpo"), kw.get("max_completion_len"),
+                                                kw.get("num_tokens"))
+        stats["loss"] = loss.detach()
+        stats["entropy"] = (ent * m).sum().detach() / m.sum().clamp(min=1)
+    return loss, stats
