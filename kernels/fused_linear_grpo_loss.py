@@ -117,11 +117,11 @@ def _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V: tl.constexpr, 
 
 
 @triton.jit
-def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_ptr, adv_ptr, w_ptr, stats_ptr, row0,
-                            T, V, inv_t, clip_low, clip_high, beta, delta, tis_cap, ent_coef,
+def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_ptr, adv_ptr, w_ptr, stats_ptr, logp_ptr,
+                            row0, T, V, inv_t, clip_low, clip_high, beta, delta, tis_cap, ent_coef,
                             HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
                             HAS_TIS: tl.constexpr, ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                            NS: tl.constexpr, BLOCK_V: tl.constexpr):
+                            WRITE_LOGP: tl.constexpr, NS: tl.constexpr, BLOCK_V: tl.constexpr):
     # One program per token of the chunk; n is its index among all B*T tokens. Token-level ratio only.
     r = tl.program_id(0).to(tl.int64)
     n = row0 + r
@@ -129,6 +129,8 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
     m, log_s, ent = _row_lse(x_row, V, inv_t, BLOCK_V, ENTROPY)
     tgt = tl.load(tgt_ptr + n)
     logp = (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s
+    if WRITE_LOGP:
+        tl.store(logp_ptr + n, logp)
 
     # The GRPO terms of this token. Padding (w == 0) may hold garbage old/ref/rollout: never used.
     w = tl.load(w_ptr + n)
@@ -217,6 +219,7 @@ class Tokens:
     mask: torch.Tensor                 # [B, T] float32
     T: int
     ent_coef: float
+    logp_out: torch.Tensor | None = None  # [N] fp32: filled with each token's logp (return_logprobs)
 
     def stat_width(self) -> int:
         return 5 + (2 if self.roll is not None else 0) + (1 if self.ent_coef != 0.0 else 0)
@@ -235,10 +238,12 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     dummy = tk.tok_w
     _fused_grpo_rows_kernel[(c,)](logits, logits.stride(0), tk.targets, tk.old if tk.old is not None else dummy,
                                   tk.ref if tk.ref is not None else dummy, tk.roll if tk.roll is not None else dummy,
-                                  tk.adv, tk.tok_w, stats, row0, tk.T, v, inv_t, *o.launch_args(), tk.ent_coef,
+                                  tk.adv, tk.tok_w, stats, tk.logp_out if tk.logp_out is not None else dummy, row0,
+                                  tk.T, v, inv_t, *o.launch_args(), tk.ent_coef,
                                   HAS_OLD=tk.old is not None, HAS_REF=tk.ref is not None,
                                   HAS_DELTA=o.delta is not None, HAS_TIS=tk.roll is not None, ENTROPY=entropy,
-                                  WRITE_GRAD=write_grad, NS=ns, BLOCK_V=block, num_warps=warps)
+                                  WRITE_GRAD=write_grad, WRITE_LOGP=tk.logp_out is not None, NS=ns, BLOCK_V=block,
+                                  num_warps=warps)
     return stats
 
 
@@ -265,7 +270,7 @@ def _grad_torch(logp_all, targets, g, h, ent, inv_t: float, dtype) -> torch.Tens
 
 
 def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, write_grad):
-    """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits)."""
+    """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits, logp)."""
     entropy = ent_coef != 0.0
     logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
     old = logp if old is None else old
@@ -278,9 +283,9 @@ def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerm
     cols = [tok_loss, kl, ratio, lo, hi] + ([tis_w, capped] if roll is not None else []) + ([ent] if entropy else [])
     stats = torch.stack(cols, dim=1)
     if not write_grad:
-        return stats, None
+        return stats, None, logp
     h = -ent_coef * tok_w if entropy else None
-    return stats, _grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t, logits.dtype)
+    return stats, _grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t, logits.dtype), logp
 
 
 def _lse_chunk(backend, logits, targets, inv_t, entropy):
@@ -334,9 +339,11 @@ def _token_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk, ba
         idx = real[s:s + chunk]
         h = hidden.index_select(0, idx)
         pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
-        st, dlogits = _chunk_torch(h @ weight.T, inv_t, pick(tk.targets), pick(tk.old), pick(tk.ref), pick(tk.roll),
-                                   pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, write_grad)
+        st, dlogits, logp = _chunk_torch(h @ weight.T, inv_t, pick(tk.targets), pick(tk.old), pick(tk.ref),
+                                         pick(tk.roll), pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, write_grad)
         stats[s:s + idx.numel()] = st
+        if tk.logp_out is not None:
+            tk.logp_out.index_copy_(0, idx, logp)
         if grad_h is not None:
             grad_h.index_copy_(0, idx, dlogits @ weight)
         if grad_w is not None:
@@ -395,6 +402,8 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
             states.append(state if keep else None)
         rows = slice(r0, r1)
         tok = slice(r0 * t, r1 * t)
+        if tk.logp_out is not None:
+            tk.logp_out[tok] = logp
         view = lambda x: None if x is None else x[tok].view(r1 - r0, t)  # noqa: E731
         dlogp, s_g = grpo_core(backend, logp.view(r1 - r0, t), view(tk.old), view(tk.ref), view(tk.roll),
                                tk.adv[rows], tk.mask[rows], tk.row_w[rows], o, write_grad)
@@ -465,7 +474,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            ratio_level: str = "token", delta: float | None = None,
                            rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
                            entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
-                           backend: str = "auto"):
+                           return_logprobs: bool = False, backend: str = "auto"):
     """grpo_loss(linear_token_logprobs(hidden, weight, targets, temperature), ...) in one fused pass.
 
     Args:
@@ -479,11 +488,14 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             loss_type's token weights (see the module docstring); computed in the same pass.
         temperature: the sampling temperature; log-probs are those of softmax(logits / T).
         chunk_size: tokens per chunk (default: from a memory budget, see linear_token_logprobs).
-            With ratio_level="sequence" keep it >= T (else some logits are computed twice, logged).
+            With ratio_level="sequence" the default is at least T (whole completions per chunk);
+            a given chunk_size < T computes some logits twice (logged).
+        return_logprobs: also return the per-token log-probs [B, T] (fp32, no grad, 0 at padding)
+            that the loss used, e.g. to compare them with the sampler's; one store per token.
         backend: "auto" | "triton" | "torch".
 
     Returns:
-        (loss, stats) like `grpo_loss`; stats also has ``entropy`` (mean over real tokens) when
+        (loss, stats) like `grpo_loss`, or (loss, stats, logprobs) with return_logprobs; stats also has ``entropy`` (mean over real tokens) when
         entropy_coef != 0, and stats["loss"] includes the entropy bonus. Gradients for hidden and
         weight are computed in the forward (see the module docstring for the memory trade-off) and
         skipped under no_grad.
@@ -516,8 +528,15 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     chunk = pick_chunk_size(b * t, weight.shape[0], device, weight.dtype, chunk_size)
+    if ratio_level == "sequence" and chunk_size is None:
+        chunk = max(chunk, t)  # whole completions per chunk: one row's logits past the budget at most
+    if return_logprobs:
+        tk.logp_out = torch.zeros(b * t, device=device, dtype=torch.float32)
     loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, terms,
                                                need_h, need_w, chunk, backend)
     names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ()) + \
         (("entropy",) if entropy_coef != 0.0 else ())
-    return loss, stats_dict(sums, count, names)
+    stats = stats_dict(sums, count, names)
+    if not return_logprobs:
+        return loss, stats
+    return loss, stats, torch.where(mask32.view(-1) != 0, tk.logp_out, 0.0).view(b, t)

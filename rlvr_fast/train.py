@@ -40,7 +40,7 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
         elif f.name == "digits":
             kwargs.update(nargs=2, type=int, metavar=("A", "B"))
         else:
-            kwargs["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            kwargs["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kwargs)

@@ -313,3 +313,34 @@ def test_fused_variants_bf16(backend, variant):
     check_lowp(wk.grad, wr.grad, wn.grad, 1e-3)
     if "entropy" in stats:
         check_lowp(stats["entropy"], stats_r["entropy"], stats_n["entropy"], 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio_level,chunk", [("token", 3), ("sequence", 11), ("sequence", 3)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_return_logprobs_are_the_tokens_logprobs(backend, ratio_level, chunk, grad):
+    """return_logprobs gives the log-probs the loss used (the float64 reference's, 0 at padding),
+    and changes neither the loss, the statistics nor the gradients."""
+    B, T, H, V = 4, 5, 16, 131
+    h, w, y, old, ref, adv, mask = make_grpo(B, T, H, V, torch.float32, seed=2)
+    kw = dict(ratio_level=ratio_level, chunk_size=chunk, temperature=0.8, entropy_coef=0.05, backend=backend)
+    runs = []
+    for want in (False, True):
+        wk = w.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = fused_linear_grpo_loss(h, wk, y, old, ref, adv, mask, return_logprobs=want, **kw)
+            if grad:
+                out[0].backward()
+        runs.append((out, wk.grad))
+    (loss, stats), g0 = runs[0]
+    (loss_l, stats_l, logp), g1 = runs[1]
+    assert logp.shape == (B, T) and logp.dtype == torch.float32 and not logp.requires_grad
+    torch.testing.assert_close(loss_l, loss)
+    assert_stats_close(stats_l, stats, atol=0, rtol=0)
+    if grad:
+        torch.testing.assert_close(g1, g0, atol=0, rtol=0)
+    from rlvr_fast.kernels.reference import linear_token_logprobs_ref
+    expect = linear_token_logprobs_ref(h.double().reshape(-1, H), w.double(), y.reshape(-1), 0.8).view(B, T)
+    real = mask != 0
+    torch.testing.assert_close(logp[real].double(), expect[real], atol=1e-6, rtol=1e-6)
+    assert (logp[~real] == 0).all()

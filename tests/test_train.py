@@ -177,9 +177,14 @@ def test_ctrl_c_saves_and_resume_continues(tiny, tmp_path, monkeypatch):
     assert steps == [1, 2, 3]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_micro_batching_equals_one_batch(tiny, tmp_path, monkeypatch, loss_type):
-    """Gradient accumulation is weighted per loss type so that token budgets do not change the gradient."""
+@pytest.mark.parametrize("loss_type,variant", [
+    ("grpo", ()), ("bnpo", ()), ("dr_grpo", ()), ("dapo", ()),
+    ("grpo", ("--ratio-level", "sequence", "--num-iterations", "2")),
+    ("dapo", ("--tis-cap", "1.5", "--entropy-coef", "0.01", "--delta", "1.5")),
+])
+def test_micro_batching_equals_one_batch(tiny, tmp_path, monkeypatch, loss_type, variant):
+    """Gradient accumulation is weighted per loss type so that token budgets do not change the gradient
+    (dapo: every micro-batch divides by the step's token count)."""
     grads = []
 
     def record_instead_of_step(self, closure=None):
@@ -190,9 +195,10 @@ def test_micro_batching_equals_one_batch(tiny, tmp_path, monkeypatch, loss_type)
     for name, budget, share in (("one", "4096", "--no-share-prompts"), ("shared", "4096", "--share-prompts"),
                                 ("many", "40", "--share-prompts")):
         assert main(args(tiny, tmp_path / name, "--task", "digits-test", "--steps", "1", "--loss-type", loss_type,
-                         "--micro-batch-tokens", budget, share, "--beta", "0.1", "--max-grad-norm", "0")) == 0
-    one, shared, many = grads
-    assert len(one) == len(shared) == len(many) > 0
+                         "--micro-batch-tokens", budget, share, "--beta", "0.1", "--max-grad-norm", "0", *variant)) == 0
+    iters = 2 if "--num-iterations" in variant else 1
+    one, shared, many = grads[:iters][-1], grads[iters:2 * iters][-1], grads[2 * iters:][-1]
+    assert len(grads) == 3 * iters and len(one) == len(shared) == len(many) > 0
     for a, b, c in zip(one, shared, many):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-4)
@@ -205,7 +211,7 @@ def test_options_reach_the_loss(tiny, tmp_path, monkeypatch):
     real = trainer_mod.fused_linear_grpo_loss
 
     def spy(*a, **kw):
-        seen.append(kw)
+        seen.append({**kw, "mask": a[6]})
         return real(*a, **kw)
 
     monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", spy)
@@ -213,6 +219,28 @@ def test_options_reach_the_loss(tiny, tmp_path, monkeypatch):
               "--clip-low", "0.1", "--clip-high", "0.28", "--temperature", "0.7"))
     assert seen and all(kw["loss_type"] == "dr_grpo" and kw["beta"] == 0.3 and kw["clip_low"] == 0.1 and
                         kw["clip_high"] == 0.28 and kw["temperature"] == 0.7 and kw["max_completion_len"] == 6 for kw in seen)
+    assert all(kw["num_tokens"] is None and kw["rollout_logprobs"] is None and kw["delta"] is None and
+               kw["ratio_level"] == "token" and kw["entropy_coef"] == 0.0 for kw in seen)
+    seen.clear()
+    main(args(tiny, tmp_path / "variants", "--task", "digits-test", "--steps", "1", "--loss-type", "dapo",
+              "--ratio-level", "sequence", "--delta", "2.5", "--tis-cap", "3", "--entropy-coef", "0.02"))
+    record = json.loads((tmp_path / "variants" / "metrics.jsonl").read_text())
+    total = sum(int(kw["mask"].sum()) for kw in seen)
+    assert seen and all(kw["loss_type"] == "dapo" and kw["num_tokens"] == total and kw["ratio_level"] == "sequence"
+                        and kw["delta"] == 2.5 and kw["tis_cap"] == 3 and kw["entropy_coef"] == 0.02 and
+                        kw["rollout_logprobs"] is not None for kw in seen)
+    # fp32 on both sides: the sampler's log-probs are the trainer's up to rounding, so TIS weights are ~1.
+    assert 0 <= record["rollout_logprob_gap"] < 1e-4
+    assert abs(record["tis_weight_mean"] - 1) < 1e-4 and record["tis_capped_frac"] == 0
+    assert record["entropy_train"] > 0
+
+
+def test_loss_variant_options_are_checked(tiny, tmp_path, capsys):
+    for bad, message in ((["--delta", "1.1"], "--delta"), (["--tis-cap", "0"], "--tis-cap"),
+                         (["--entropy-coef", "-1"], "--entropy-coef"), (["--ratio-level", "word"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            main(args(tiny, tmp_path / "run", "--steps", "1", *bad))
+        assert message in capsys.readouterr().err
 
 
 def test_grad_checkpoint_flag_recomputes_layers(tiny, tmp_path, monkeypatch):

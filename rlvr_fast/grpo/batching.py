@@ -34,6 +34,7 @@ class Sample:
     advantage: float
     index: int  # position in the step's flat list of completions (for old/ref log-prob lookup)
     group: int = -1  # samples of one group share prompt_ids (-1: never shared)
+    rollout_logprobs: list[float] | None = None  # the sampler's log-probs of completion_ids
 
     @property
     def length(self) -> int:

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+RATIO_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -48,7 +49,15 @@ class TrainConfig:
     beta: float = opt(0.04, "KL penalty weight towards the frozen reference (0 = no reference model)")
     clip_low: float = opt(0.2, "PPO clip: ratio lower bound 1 - clip_low")
     clip_high: float = opt(0.2, "PPO clip: ratio upper bound 1 + clip_high (DAPO raises it)")
-    loss_type: str = opt("grpo", "loss aggregation over tokens", choices=LOSS_TYPES)
+    loss_type: str = opt("grpo", "loss aggregation over tokens: grpo (mean per completion, then over completions), "
+                         "bnpo (mean over a micro-batch's tokens), dr_grpo (sum / (completions x max-new-tokens)), "
+                         "dapo (sum / all completion tokens of the step)", choices=LOSS_TYPES)
+    ratio_level: str = opt("token", "importance ratio per token (GRPO) or per completion (sequence: GSPO, the "
+                           "exp of the completion's mean log-ratio)", choices=RATIO_LEVELS)
+    delta: float | None = opt(None, "dual clip: the unclipped ratio term is capped at delta (> 1 + clip-high)")
+    tis_cap: float | None = opt(None, "truncated importance sampling: weight each token's loss by "
+                                "min(exp(trainer - rollout log-prob), tis-cap), correcting the sampler/trainer gap")
+    entropy_coef: float = opt(0.0, "entropy bonus: subtract this times the completion tokens' mean entropy")
     scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
     micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
@@ -89,6 +98,10 @@ class TrainConfig:
             (self.clip_high >= 0, "--clip-high must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (self.group_size >= 2, "--group-size must be >= 2: advantages compare completions within a group"),
+            (self.delta is None or self.delta > 1 + self.clip_high, "--delta must be > 1 + --clip-high (it caps the "
+                                                                   "ratio above the clip range)"),
+            (self.tis_cap is None or self.tis_cap > 0, "--tis-cap must be > 0 (typical: 2)"),
+            (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "--entropy-coef must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -156,31 +156,55 @@ class GRPOTrainer:
             out[rows, :t] = lp * mb.mask
         return out
 
+    def rollout_logprobs(self, samples: list[Sample], micro_batches: list[MicroBatch]) -> torch.Tensor:
+        """The sampler's log-probs of the completion tokens, laid out like token_logprobs' [num_samples, T_max]."""
+        t_max = max(mb.targets.shape[1] for mb in micro_batches)
+        out = torch.zeros(len(samples), t_max)
+        for s in samples:
+            out[s.index, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
+        return out.to(self.device)
+
     def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
-               num_samples: int, num_tokens: int) -> dict[str, float]:
+               rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.master.zero_grad()
-        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0}
+        sums = dict.fromkeys(("loss", "kl", "ratio", "clip_low", "clip_high", "tis_weight", "tis_capped",
+                              "entropy_train", "rollout_gap"), 0.0)
         for mb in micro_batches:
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             t = mb.targets.shape[1]
             pick = lambda lp: None if lp is None else lp[rows, :t].contiguous()
             hidden = self._hidden(self.model, mb)
-            loss, stats = fused_linear_grpo_loss(
+            loss, stats, logp = fused_linear_grpo_loss(
                 hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
                 temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens)
+                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
+                num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
+                delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
+                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=True)
             # Weight each micro-batch so the accumulated gradient equals the full batch's:
-            # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens.
-            share = mb.num_tokens / num_tokens if cfg.loss_type == "bnpo" else len(mb.samples) / num_samples
+            # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens;
+            # dapo's loss is already divided by the step's token count.
+            share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)
             (loss * share).backward()
             token_share = mb.num_tokens / num_tokens
             sums["loss"] += float(loss.detach()) * share
-            for key, stat in (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac")):
-                sums[key] += float(stats[stat]) * token_share
+            names = (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac"),
+                     ("tis_weight", "tis_weight_mean"), ("tis_capped", "tis_capped_frac"), ("entropy_train", "entropy"))
+            for key, stat in names:
+                if stat in stats:
+                    sums[key] += float(stats[stat]) * token_share
+            # The sampler's log-probs against the trainer's for the same tokens and weights: how far
+            # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
+            gap = ((logp.detach() - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
+            sums["rollout_gap"] += float(gap) * token_share
+        for key, on in (("tis_weight", cfg.tis_cap is not None), ("tis_capped", cfg.tis_cap is not None),
+                        ("entropy_train", cfg.entropy_coef != 0)):
+            if not on:
+                sums[key] = None
         self.master.grads_to_master()
         params = [p for p in self.master.master_params if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -206,7 +230,7 @@ class GRPOTrainer:
         ro = self.rollout(problems, params, cfg.group_size)
         adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
 
-        samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i)
+        samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i, rollout_logprobs=c.logprobs)
                    for i, group in enumerate(ro.completions) if not zero_std[i] for j, c in enumerate(group)]
         for k, s in enumerate(samples):
             s.index = k
@@ -215,7 +239,8 @@ class GRPOTrainer:
         t_ref = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
-               "skipped_update": False}
+               "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
+        rollout_gap = None
         if samples:
             num_tokens = sum(mb.num_tokens for mb in micro_batches)
             t1 = time.perf_counter()
@@ -225,8 +250,11 @@ class GRPOTrainer:
                 self.model.eval()
                 old_lp = self.token_logprobs(self.model, micro_batches, len(samples))
             t_ref = time.perf_counter() - t1
-            for _ in range(cfg.num_iterations):
-                upd = self.update(micro_batches, ref_lp, old_lp, len(samples), num_tokens)
+            rollout_lp = self.rollout_logprobs(samples, micro_batches)
+            for i in range(cfg.num_iterations):
+                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, len(samples), num_tokens)
+                if i == 0:
+                    rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
             t_update = time.perf_counter() - t1 - t_ref
         self.step += 1
 
@@ -252,6 +280,8 @@ class GRPOTrainer:
             "kl": upd["kl"], "loss": upd["loss"], "ratio_mean": upd["ratio"],
             "clip_low_frac": upd["clip_low"], "clip_high_frac": upd["clip_high"],
             "entropy": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate: mean -log p of sampled tokens
+            "entropy_train": upd["entropy_train"],  # exact, from the loss pass (only with --entropy-coef)
+            "rollout_logprob_gap": rollout_gap, "tis_weight_mean": upd["tis_weight"], "tis_capped_frac": upd["tis_capped"],
             "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
             "lr": self.lr_at(self.step - 1),
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
