@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlvr_fast.grpo import distributed
 from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.precision import pick_dtype
 
@@ -98,6 +99,18 @@ def pick_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, given = _parse(argv)
+    dist = distributed.init_distributed(cfg.dist_timeout, cfg.device, cfg.shard)  # single process without torchrun
+    try:
+        return run(cfg, given, dist)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and dist.fail(exc):
+            return 1  # another rank failed first; rank 0 printed which and why
+        raise
+    finally:
+        distributed.close(dist)
+
+
+def run(cfg: TrainConfig, given: set[str], dist: distributed.Dist) -> int:
     resume_from = None
     if cfg.resume is not None:
         from rlvr_fast.grpo.trainer import find_resume_checkpoint
@@ -115,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         if output.exists() and any(output.iterdir()):
             raise SystemExit(f"error: output directory {output} already holds files (another run?). Continue it with "
                              f"--resume {output}, or choose a new --output.")
+    try:
+        dist.local_slice(cfg.prompts_per_step)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = distributed.device_for(dist, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
 
     import rlvr_fast
@@ -134,20 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = rlvr_fast.load_pretrained(resume_from or cfg.model, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
-    print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, {dtype}, "
-          f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} completions, output {output}", flush=True)
-    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model)
+    dist.barrier()  # every rank has read the output directory before rank 0 writes to it
+    if dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
+    ranks = f", {dist.world_size} ranks (shard {cfg.shard})" if dist.enabled else ""
+    dist.print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, {dtype}, "
+               f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} completions{ranks}, output {output}")
+    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model, dist=dist)
     if resume_from is not None:
         trainer.load(resume_from)
-        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+        dist.print(f"resumed from {resume_from} at step {trainer.step}")
     try:
         trainer.fit()
     except KeyboardInterrupt:
         return 130
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not dist.enabled:
+            print(f"error: {exc}", file=sys.stderr)
+        dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)
         return 1
     return 0
 

@@ -1,0 +1,38 @@
+"""What tests/test_distributed.py launches on every rank: `torchrun ... -m tests.dist_launch ARGS`.
+
+A task registered in the test process is unknown to the processes torchrun starts, so this module
+registers the test tasks in each rank's process, then runs the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+from rlvr_fast.tasks import Problem, register_task
+from rlvr_fast.train import main
+from tests.test_train import DigitsTask  # registers digits-test
+
+
+class FailingRankTask(DigitsTask):
+    """digits-test, except that rank 1 raises when it draws the problems of step 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = 0
+
+    def eval_problems(self) -> list[Problem]:
+        return DigitsTask.sample(self, random.Random(7), 3)
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        self.draws += 1
+        if self.draws == 2 and os.environ.get("RANK") == "1":
+            raise RuntimeError("injected failure")
+        return super().sample(rng, n)
+
+
+register_task("fail-on-rank-1", lambda cfg: FailingRankTask())
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
