@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 
 from rlvr_fast.tasks import Problem, register_task
 from rlvr_fast.train import main
@@ -16,11 +17,11 @@ from tests.test_train import DigitsTask  # registers digits-test
 
 
 class FailingRankTask(DigitsTask):
-    """digits-test, except that rank 1 raises when it draws the problems of step 2."""
+    """digits-test, except that rank 1 raises (or hangs) when it draws the problems of step 2."""
 
-    def __init__(self):
+    def __init__(self, hang: bool = False):
         super().__init__()
-        self.draws = 0
+        self.hang, self.draws = hang, 0
 
     def eval_problems(self) -> list[Problem]:
         return DigitsTask.sample(self, random.Random(7), 3)
@@ -28,11 +29,14 @@ class FailingRankTask(DigitsTask):
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
         self.draws += 1
         if self.draws == 2 and os.environ.get("RANK") == "1":
+            if self.hang:
+                time.sleep(600)
             raise RuntimeError("injected failure")
         return super().sample(rng, n)
 
 
 register_task("fail-on-rank-1", lambda cfg: FailingRankTask())
+register_task("hang-on-rank-1", lambda cfg: FailingRankTask(hang=True))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -72,7 +72,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
     sa, sb = ma.state_dict(), mb.state_dict()
     assert sa.keys() == sb.keys()
     for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], atol=2e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(sb[name], sa[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def one_process(tiny, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("shard", ["none"])
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, shard):
     out = tmp_path / "run"
     run_ok(args(tiny, out, *COMMON, "--steps", "2", "--shard", shard))
@@ -128,13 +128,20 @@ def test_a_slice_of_the_prompts_samples_what_the_whole_list_would(tiny):
     assert engine.generate(prompts[2:], params, n=3) != part
 
 
-def test_a_failed_rank_stops_the_run_with_a_message(tiny, tmp_path):
-    """Rank 1 raises while drawing step 2's problems; rank 0 waits in a collective. The run must end
-    well before --dist-timeout, non-zero, with rank 0 naming rank 1 and the error."""
+@pytest.mark.parametrize("task,message", [
+    ("fail-on-rank-1", "[default0]:error: rank 1 at step 2: RuntimeError: injected failure -- stopping all ranks"),
+    ("hang-on-rank-1", "--dist-timeout passed"),
+])
+def test_a_failed_or_hung_rank_stops_the_run_with_a_message(tiny, tmp_path, task, message):
+    """Rank 1 raises (or hangs) while drawing step 2's problems; rank 0 waits in a collective. A raise must
+    end the run at once, a hang after --dist-timeout: non-zero, with rank 0 saying what happened."""
+    timeout = 5 if task.startswith("hang") else 120
     start = time.monotonic()
-    proc = torchrun(args(tiny, tmp_path / "run", "--task", "fail-on-rank-1", "--steps", "3", "--dist-timeout", "120"))
+    proc = torchrun(args(tiny, tmp_path / "run", "--task", task, "--steps", "3", "--dist-timeout", str(timeout)))
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert "[default0]:error: rank 1 at step 2: RuntimeError: injected failure" in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    if task.startswith("hang"):
+        assert "[default0]:error: rank 0 at step 2: " in proc.stderr
     assert elapsed < 60
     assert not list((tmp_path / "run").glob("checkpoint-*"))

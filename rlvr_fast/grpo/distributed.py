@@ -91,7 +91,7 @@ class Dist:
 
     @property
     def fsdp(self) -> bool:
-        return self.shard == "fsdp"
+        return self.shard == "fsdp" and self.enabled  # one process has nothing to shard over
 
     # ---- rank 0 output --------------------------------------------------------------------
 
@@ -124,6 +124,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def all_gather_objects(self, obj: Any) -> list[Any]:
         """obj of every rank, in rank order (pickled: for small per-step records only)."""
         if not self.enabled:
@@ -141,7 +148,7 @@ class Dist:
         """Sum the gradients of `params` over ranks (a rank with no samples contributes zeros).
         Gradients are flattened into buckets of about bucket_bytes per dtype: a few large
         all-reduces instead of one per tensor."""
-        if not self.enabled:
+        if not self.enabled or self.fsdp:  # FSDP reduce-scatters the gradients itself, in backward
             return
         for p in params:
             if p.grad is None:
@@ -169,24 +176,25 @@ class Dist:
     # ---- failures -------------------------------------------------------------------------
 
     def fail(self, exc: BaseException) -> bool:
-        """Call on a rank where `exc` was raised, before leaving. Its own error is recorded in the
-        rendezvous store and the rank leaves the process group, so that the other ranks' pending
-        collectives fail now rather than at the timeout; rank 0 prints the first recorded error.
-        Returns True when `exc` is only the echo of another rank's failure (a failed collective)."""
+        """Call on a rank where `exc` was raised, before leaving. The first error of the run is
+        recorded in the rendezvous store, and the rank leaves the process group, so that the other
+        ranks' pending collectives fail now rather than at the timeout; rank 0 prints the record.
+        Returns True when `exc` is only the echo of another rank's recorded failure."""
         if not self.enabled or not dist.is_initialized():
             return False
         store = _store()
-        echo = _is_collective_error(exc)
-        if echo:
-            if self.is_main:
-                print(f"error: {self.failure_message(store, exc)}", file=sys.stderr, flush=True)
-        else:
+        recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
+        echo = bool(recorded) and not recorded.startswith(f"rank {self.rank} ")
+        if not echo:
             where = f" at step {self.step + 1}" if self.step is not None else ""
-            record = f"rank {self.rank}{where}: {type(exc).__name__}: {exc}"
-            _try(lambda: store.compare_set(FAILURE_KEY, "", record))  # the first failure wins
-            if self.is_main and not isinstance(exc, SystemExit):  # Python prints a SystemExit's message itself
-                print(f"error: {record}", file=sys.stderr, flush=True)
+            recorded = f"rank {self.rank}{where}: {type(exc).__name__}: {exc}"
+            if _is_collective_error(exc):  # and nobody recorded why
+                recorded += (" (a collective failed and no other rank recorded an error: a rank died or hung, or "
+                             "--dist-timeout passed)")
+            _try(lambda: store.compare_set(FAILURE_KEY, "", recorded))  # the first failure wins
         if self.is_main:
+            if echo or not isinstance(exc, SystemExit):  # Python prints a SystemExit's message itself
+                print(f"error: {recorded}" + (" -- stopping all ranks" if echo else ""), file=sys.stderr, flush=True)
             _try(lambda: store.set(REPORTED_KEY, "1"))
         _try(dist.destroy_process_group)
         if not self.is_main and not echo:
@@ -196,12 +204,137 @@ class Dist:
                 time.sleep(0.05)
         return echo
 
-    def failure_message(self, store, exc: BaseException) -> str:
-        recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
-        if recorded:
-            return f"{recorded} -- stopping all ranks"
-        return (f"a collective failed on rank {self.rank} and no rank recorded an error (a rank died or hung, or "
-                f"--dist-timeout passed): {type(exc).__name__}: {exc}")
+    # ---- FSDP2 -----------------------------------------------------------------------------
+
+    def shard_model(self, model: torch.nn.Module, ref_model: torch.nn.Module | None) -> None:
+        """--shard fsdp: `fully_shard` each decoder layer, then the root (embeddings, final norm, head).
+
+        Precision: the sharded parameters (the optimizer's, and what checkpoints hold) are fp32; with
+        a bf16 --dtype, MixedPrecisionPolicy all-gathers them as bf16 for the forward and backward
+        and reduce-scatters the gradients in fp32 -- FSDP's own form of the single-device path's fp32
+        master weights (precision.py), with round-to-nearest instead of stochastic rounding. The
+        frozen reference is cast to the compute dtype and sharded as is.
+
+        The root keeps its weights gathered after a forward (reshard_after_forward=False): the
+        fused loss reads `model.lm_head.weight` after `forward_packed` returns; the backward
+        reshards it (and `even_passes` after no-grad passes)."""
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        low = self.compute_dtype not in (None, torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) if low else None
+        for m, mp in ((model, policy), (ref_model, None)):
+            if m is None:
+                continue
+            if m is ref_model and low:
+                m.to(self.compute_dtype)
+            kwargs = {"mp_policy": mp} if mp is not None else {}
+            for layer in m.model.layers:
+                fully_shard(layer, **kwargs)
+            fully_shard(m, reshard_after_forward=False, **kwargs)
+            for module in (*m.model.layers, m):  # sum, not average: the loss weights are already global
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+            for name in ("forward_packed", "forward_cached"):  # FSDP's hooks wrap forward() only by default
+                register_fsdp_forward_method(m, name)
+        log.info("FSDP2: parameters, gradients and optimizer states sharded over %d ranks (fp32 shards%s)",
+                 self.world_size, f", {self.compute_dtype} compute" if low else "")
+
+    @contextmanager
+    def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
+        """FSDP: every rank gathers the whole model for a rollout and frees it after. generate() must
+        not run collectives (ranks decode different numbers of steps), so nothing is gathered or
+        freed inside it. A no-op without FSDP."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        model.set_reshard_after_forward(False)
+        for m in modules:  # same order on every rank
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)  # the root: see shard_model()
+
+    def even_passes(self, model: torch.nn.Module, passes: int, train: bool) -> None:
+        """FSDP: every forward all-gathers and every backward reduce-scatters, so each rank must run
+        as many micro-batches as the busiest one. Ranks with fewer (or none: all their groups had
+        equal rewards) run one-token passes whose loss is 0 times the output. Then the root's
+        gathered weights are freed (a backward already did it in training)."""
+        if not self.fsdp:
+            return
+        device = model.lm_head.weight.device
+        ids = torch.zeros(1, dtype=torch.long, device=device)
+        from rlvr_fast.model.attention import PackedBatch
+        batch = PackedBatch.from_cu_seqlens(torch.tensor([0, 1], dtype=torch.int32, device=device), 1)
+        for _ in range(int(self.all_reduce_max([passes])[0]) - passes):
+            hidden = model.forward_packed(ids, batch)
+            if train:  # every parameter, the head included, gets a (zero) gradient, as on the other ranks
+                (hidden.sum() * 0 + model.lm_head.weight.sum() * 0).backward()
+        if not train:
+            model.reshard()
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self, output: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
+        """Rank 0 writes the HF-layout weights (with FSDP, gathered from all ranks to its CPU) and the
+        trainer state. With FSDP each rank also writes its optimizer shard, before rank 0 writes
+        trainer_state.pt, which marks the checkpoint complete."""
+        from rlvr_fast.grpo import checkpointing
+
+        path = output / f"checkpoint-{step}"
+        state = {**state, "world_size": self.world_size, "shard": "fsdp" if self.fsdp else "none"}
+        if not self.fsdp:
+            if self.is_main:
+                checkpointing.save_checkpoint(output, step, model, tokenizer, state)
+            self.barrier()  # no rank goes on before the checkpoint is complete
+            return path
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optimizer = state.pop("optimizer")
+
+        def write_shards(path: Path) -> None:
+            self.barrier()  # the weights are in place: every rank adds its shard
+            checkpointing.save_rank_state(path, self.rank, {"optimizer": optimizer, "world_size": self.world_size})
+            self.barrier()
+
+        if self.is_main:
+            checkpointing.save_checkpoint(output, step, model, tokenizer, state, model_state=full,
+                                          before_state=write_shards)
+        else:
+            write_shards(path)
+        self.barrier()
+        return path
+
+    def load_state(self, checkpoint: Path) -> dict[str, Any]:
+        """The trainer state of `checkpoint` for this rank (with FSDP, its optimizer shard)."""
+        from rlvr_fast.grpo import checkpointing
+
+        state = checkpointing.load_state(checkpoint)
+        saved_shard, saved_world = state.get("shard", "none"), state.get("world_size", 1)
+        shard = "fsdp" if self.fsdp else "none"
+        if saved_shard != shard:
+            raise ValueError(f"{checkpoint} was saved with --shard {saved_shard} over {saved_world} process(es); resume "
+                             f"with --shard {saved_shard}")
+        if self.fsdp:
+            if saved_world != self.world_size:
+                raise ValueError(f"{checkpoint} holds optimizer states sharded over {saved_world} ranks; resume on "
+                                 f"{saved_world} ranks (torchrun with {saved_world} processes in all), not {self.world_size}")
+            state["optimizer"] = checkpointing.load_rank_state(checkpoint, self.rank)["optimizer"]
+        return state
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (e.g. the grad norm of FSDP-sharded gradients) as a plain tensor; others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def gather_rollout(d: Dist, ro):
@@ -238,7 +371,8 @@ def _try(fn):
 
 
 def _is_collective_error(exc: BaseException) -> bool:
-    return isinstance(exc, (dist.DistBackendError, dist.DistError)) or "gloo" in str(exc).lower()
+    text = str(exc).lower()  # gloo raises plain RuntimeErrors
+    return isinstance(exc, dist.DistError) or any(w in text for w in ("gloo", "nccl", "timed out", "connection closed"))
 
 
 # ---- process group ------------------------------------------------------------------------

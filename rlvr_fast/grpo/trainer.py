@@ -30,9 +30,9 @@ import torch
 
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
-from rlvr_fast.grpo.checkpointing import latest_checkpoint, load_state, save_checkpoint
+from rlvr_fast.grpo.checkpointing import latest_checkpoint
 from rlvr_fast.grpo.config import TrainConfig
-from rlvr_fast.grpo.distributed import Dist, gather_rollout
+from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
@@ -65,6 +65,7 @@ class GRPOTrainer:
         self.ref_model = None
         if cfg.beta > 0:  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
+        self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
         model.gradient_checkpointing = cfg.grad_checkpoint
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
@@ -126,7 +127,7 @@ class GRPOTrainer:
         start = time.perf_counter()
         prompt_ids = [self.encode_prompt(p) for p in problems]
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.dist.full_weights(self.model):  # FSDP: gathered for the rollout, freed after
             completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index)
         components, errors = [], 0
         for problem, group in zip(problems, completions):
@@ -157,6 +158,7 @@ class GRPOTrainer:
                                        temperature=self.cfg.temperature).view(b, t)
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             out[rows, :t] = lp * mb.mask
+        self.dist.even_passes(model, len(micro_batches), train=False)
         return out
 
     def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
@@ -184,11 +186,13 @@ class GRPOTrainer:
             sums["loss"] += float(loss.detach()) * share
             for key, stat in (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac")):
                 sums[key] += float(stats[stat]) * token_share
+        self.dist.even_passes(self.model, len(micro_batches), train=True)
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(list(sums.values()))))
         params = [p for p in self.master.master_params if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -318,18 +322,16 @@ class GRPOTrainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "master_weights": self.master.state_dict(),
                 "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
-                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "world_size": self.dist.world_size}
+                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
-        path = self.output / f"checkpoint-{self.step}"
-        if self.dist.is_main:  # the model and the trainer state are the same on every rank
-            path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict())
-            log.info("checkpoint written: %s", path)
-        self.dist.barrier()  # no rank goes on before the checkpoint is complete
+        # One process or rank 0 writes it (several ranks: their model and state are gathered or identical).
+        path = self.dist.save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict())
+        log.info("checkpoint written: %s", path)
         return path
 
     def load(self, checkpoint: Path) -> None:
-        state = load_state(checkpoint)
+        state = self.dist.load_state(checkpoint)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.master.load_state_dict(state.get("master_weights"))
