@@ -3,29 +3,31 @@
 What is split and what is shared, per step (P prompts, G completions each, N ranks):
 
 * every rank draws the same P problems from the shared data generator (seeded identically) and
-  takes its contiguous P / N of them: it generates, scores and computes advantages for whole
-  groups (a group never straddles ranks). The engine keys sampling on the *global* prompt index,
-  so the completions are those of one process whatever N is.
-* the update is data parallel: each rank runs its micro-batches, weighted by the global number of
-  completions (or tokens) so that the summed gradient is the one-process gradient; then
-  `all_reduce_grads` sums the gradients over ranks, once per step, in flat buckets.
-* metrics are global: the step's rollout records are gathered once per step (`gather_rollouts`),
-  the update's few scalar sums are all-reduced once (`all_reduce_sum`).
-* rank 0 alone writes metrics, samples, evaluations, the plot, the progress line and checkpoints
-  (`Dist.writer`, `Dist.print`).
+  generates and scores its contiguous P / N of them, whole groups (a group never straddles
+  ranks). The engine keys sampling on the *global* prompt index, so the completions are those of
+  one process whatever N is.
+* the step's rollout records are gathered once (`gather_rollout`): every rank computes the
+  advantages (a batch std is the whole batch's), the metrics and the curriculum from all groups.
+* the update is data parallel: each rank trains its own groups' completions, weighted by the
+  global number of completions (or tokens), so that the sum of the ranks' gradients is the
+  one-process gradient; `all_reduce_grads` sums them once per step, in flat fp32 buckets (the
+  masters' gradients with bf16 weights). The few loss statistics are all-reduced once.
+* rank 0 alone prints and writes metrics, samples, evaluations, the plot and checkpoints
+  (`Dist.print`, `Dist.writer`, `Dist.save_checkpoint`). Evaluation problems are split too.
 
 Why not DistributedDataParallel: the trainer calls `model.forward_packed` (not `forward`, where
 DDP prepares its reducer) and the fused loss reads `model.lm_head.weight` outside any forward; with
 gradient accumulation DDP would also need `no_sync` on all micro-batches but the last. One bucketed
-all-reduce after the last backward does the same communication with none of those constraints
+all-reduce after the last backward is the same communication with none of those constraints
 (what it gives up is overlapping that all-reduce with the last micro-batch's backward).
 
-`--shard fsdp` (FSDP2, `fully_shard` per decoder layer and on the root) shards parameters,
-gradients and optimizer states instead; see `shard_model`.
+`--shard fsdp` (FSDP2: `fully_shard` per decoder layer and on the root) shards parameters,
+gradients and optimizer states instead: see `shard_model`, `full_weights` (rollouts) and
+`even_passes` (every rank runs as many forward/backward passes as the busiest).
 
 Failures: collectives time out after --dist-timeout seconds, and a rank that raises records the
-error in the rendezvous store and leaves the process group, so the other ranks' pending collectives
-fail at once; rank 0 then prints which rank failed and why (`fail`).
+error in the rendezvous store and leaves the process group, so that the other ranks' pending
+collectives fail at once; rank 0 prints the first recorded error, naming the rank (`Dist.fail`).
 """
 
 from __future__ import annotations
@@ -51,10 +53,6 @@ log = logging.getLogger("rlvr_fast")
 FAILURE_KEY = "rlvr_fast/failure"
 REPORTED_KEY = "rlvr_fast/failure_reported"
 BUCKET_BYTES = 32 << 20
-
-
-class DistributedError(RuntimeError):
-    """Another rank failed, or a collective timed out."""
 
 
 class NullWriter:
@@ -184,7 +182,7 @@ class Dist:
             return False
         store = _store()
         recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
-        echo = bool(recorded) and not recorded.startswith(f"rank {self.rank} ")
+        echo = bool(recorded) and not recorded.startswith((f"rank {self.rank} ", f"rank {self.rank}:"))
         if not echo:
             where = f" at step {self.step + 1}" if self.step is not None else ""
             recorded = f"rank {self.rank}{where}: {type(exc).__name__}: {exc}"
@@ -383,6 +381,8 @@ def init_distributed(timeout_s: int, device: str, shard: str = "none") -> Dist:
     MASTER_ADDR, MASTER_PORT); a plain `python -m` start is a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
+        if shard == "fsdp":
+            log.warning("--shard fsdp: a single process has nothing to shard over (start with torchrun); ignored")
         return Dist(shard=shard)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

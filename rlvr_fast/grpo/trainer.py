@@ -67,7 +67,9 @@ class GRPOTrainer:
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
         model.gradient_checkpointing = cfg.grad_checkpoint
-        self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks())
+        # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
+        self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
+                                              use_cuda_graphs=not self.dist.fsdp)
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
         self.optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
