@@ -166,7 +166,8 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
     ranks = f", {dist.world_size} ranks (shard {cfg.shard})" if dist.enabled else ""
     dist.print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, "
-               f"{dist.compute_dtype or dtype}, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} completions{ranks}, output {output}")
+               f"{dist.compute_dtype or dtype}, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} "
+               f"completions{ranks}, output {output}")
     trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model, dist=dist)
     if resume_from is not None:
         try:

@@ -105,6 +105,13 @@ def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, sha
     assert_same_metrics(metrics(out), metrics(one_process))
     assert_same_weights(one_process / "checkpoint-3", out / "checkpoint-3")
 
+    if shard == "none":  # the trainer state is the same on every rank: one process can go on from it
+        assert main(["--resume", str(out), "--steps", "4"]) == 0
+        assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    else:  # optimizer shards: only 2 ranks can go on
+        with pytest.raises(SystemExit, match="sharded over 2 ranks .* on 2 ranks in all, not 1"):
+            main(["--resume", str(out), "--steps", "4"])
+
 
 def test_each_rank_takes_a_contiguous_share():
     assert [Dist(rank=r, world_size=2).local_slice(8) for r in range(2)] == [slice(0, 4), slice(4, 8)]

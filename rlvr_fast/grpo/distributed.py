@@ -318,14 +318,12 @@ class Dist:
 
         state = checkpointing.load_state(checkpoint)
         saved_shard, saved_world = state.get("shard", "none"), state.get("world_size", 1)
-        shard = "fsdp" if self.fsdp else "none"
-        if saved_shard != shard:
-            raise ValueError(f"{checkpoint} was saved with --shard {saved_shard} over {saved_world} process(es); resume "
-                             f"with --shard {saved_shard}")
+        if saved_shard == "fsdp" and (self.shard != "fsdp" or saved_world != self.world_size):
+            raise ValueError(f"{checkpoint} holds optimizer states sharded over {saved_world} ranks (--shard fsdp): "
+                             f"resume it with --shard fsdp on {saved_world} ranks in all, not {self.world_size}")
+        if saved_shard == "none" and self.fsdp:
+            raise ValueError(f"{checkpoint} was saved with --shard none: resume it with --shard none")
         if self.fsdp:
-            if saved_world != self.world_size:
-                raise ValueError(f"{checkpoint} holds optimizer states sharded over {saved_world} ranks; resume on "
-                                 f"{saved_world} ranks (torchrun with {saved_world} processes in all), not {self.world_size}")
             state["optimizer"] = checkpointing.load_rank_state(checkpoint, self.rank)["optimizer"]
         return state
 

@@ -230,7 +230,8 @@ class GRPOTrainer:
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "skipped_update": False}
-        num_samples, num_tokens = map(int, self.dist.all_reduce_sum([len(samples), sum(mb.num_tokens for mb in micro_batches)]))
+        local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
+        num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))  # the loss weights are global
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.token_logprobs(self.ref_model, micro_batches, len(samples)) if self.ref_model is not None else None
@@ -313,7 +314,7 @@ class GRPOTrainer:
         results = [self.evaluate(problems, label) for label, problems in self.eval_sets()]
         for r in results:
             self.dist.print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
-                  f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
+                            f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
         if self.dist.is_main:
             write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
         return results
@@ -358,7 +359,8 @@ class GRPOTrainer:
                 eta = (time.perf_counter() - start) / done * (cfg.steps - self.step)
                 self.dist.print(progress_line(m, cfg.steps, eta))
                 if m.get("promoted"):
-                    self.dist.print(f"curriculum: moving up to {self.task.current_digits[0]} x {self.task.current_digits[1]} digits")
+                    a, b = self.task.current_digits
+                    self.dist.print(f"curriculum: moving up to {a} x {b} digits")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
