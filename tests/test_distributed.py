@@ -21,13 +21,15 @@ import torch
 import rlvr_fast
 from rlvr_fast.grpo.distributed import Dist
 from rlvr_fast.train import main
+from tests import dist_launch  # noqa: F401  (registers digits-uneven here too, for the one-process runs)
 from tests.test_train import args
 from tests.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # Batch-scaled advantages need the std of the whole batch, the reference and old log-probs are used,
-# and 4 prompts put two groups on each rank.
-COMMON = ("--task", "digits-test", "--prompts-per-step", "4", "--scale-rewards", "batch", "--beta", "0.05",
+# 4 prompts put two groups on each rank, and digits-uneven leaves the ranks unequal work (none at all on
+# rank 1 in step 1).
+COMMON = ("--task", "digits-uneven", "--prompts-per-step", "4", "--scale-rewards", "batch", "--beta", "0.05",
           "--num-iterations", "2")
 DROP = ("time", "tokens_per_s", "peak_memory", "step_time")
 
@@ -90,8 +92,9 @@ def one_process(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, shard):
+    assert [m["zero_std_groups"] for m in metrics(one_process)] == [2, 1, 0]  # the uneven steps happened
     out = tmp_path / "run"
-    run_ok(args(tiny, out, *COMMON, "--steps", "2", "--shard", shard))
+    run_ok(args(tiny, out, *COMMON, "--steps", "2", "--shard", shard, "--dist-timeout", "60"))
     # Rank 0 alone wrote the outputs: one record per step, one evaluation per set and time.
     assert_same_metrics(metrics(out), metrics(one_process)[:2])
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 2]
@@ -101,7 +104,7 @@ def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, sha
     assert_same_weights(one_process / "checkpoint-2", out / "checkpoint-2")
 
     # Resume on 2 ranks: step 3 is the one-process run's step 3.
-    run_ok(["--resume", str(out), "--steps", "3"])
+    run_ok(["--resume", str(out), "--steps", "3", "--dist-timeout", "60"])
     assert_same_metrics(metrics(out), metrics(one_process))
     assert_same_weights(one_process / "checkpoint-3", out / "checkpoint-3")
 

@@ -78,6 +78,7 @@ class Dist:
     shard: str = "none"  # "none": every rank holds the whole model; "fsdp": FSDP2 shards
     compute_dtype: torch.dtype | None = None  # --shard fsdp: the MixedPrecisionPolicy's param_dtype
     step: int | None = None  # the training step being run, for failure messages
+    passes: int = 0  # FSDP: the most micro-batches any rank trains this step (plan_passes)
 
     @property
     def enabled(self) -> bool:
@@ -261,18 +262,24 @@ class Dist:
             model.set_reshard_after_forward(True)
             model.set_reshard_after_forward(False, recurse=False)  # the root: see shard_model()
 
-    def even_passes(self, model: torch.nn.Module, passes: int, train: bool) -> None:
+    def plan_passes(self, passes: int) -> None:
         """FSDP: every forward all-gathers and every backward reduce-scatters, so each rank must run
-        as many micro-batches as the busiest one. Ranks with fewer (or none: all their groups had
-        equal rewards) run one-token passes whose loss is 0 times the output. Then the root's
-        gathered weights are freed (a backward already did it in training)."""
+        as many micro-batches as the busiest one; agree on that number once per step, before the
+        first pass (a collective inside the passes would meet another rank's all-gather)."""
+        if self.fsdp:
+            self.passes = int(self.all_reduce_max([passes])[0])
+
+    def even_passes(self, model: torch.nn.Module, passes: int, train: bool) -> None:
+        """FSDP: after its `passes` micro-batches, a rank with fewer than the step's most (or none:
+        all its groups had equal rewards) runs one-token passes whose loss is 0 times the output.
+        Then the root's gathered weights are freed (a backward already did it in training)."""
         if not self.fsdp:
             return
         device = model.lm_head.weight.device
         ids = torch.zeros(1, dtype=torch.long, device=device)
         from rlvr_fast.model.attention import PackedBatch
         batch = PackedBatch.from_cu_seqlens(torch.tensor([0, 1], dtype=torch.int32, device=device), 1)
-        for _ in range(int(self.all_reduce_max([passes])[0]) - passes):
+        for _ in range(self.passes - passes):
             hidden = model.forward_packed(ids, batch)
             if train:  # every parameter, the head included, gets a (zero) gradient, as on the other ranks
                 (hidden.sum() * 0 + model.lm_head.weight.sum() * 0).backward()

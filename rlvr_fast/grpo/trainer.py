@@ -230,6 +230,7 @@ class GRPOTrainer:
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "skipped_update": False}
+        self.dist.plan_passes(len(micro_batches))
         local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
         num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))  # the loss weights are global
         if num_samples:
