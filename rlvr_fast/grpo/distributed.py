@@ -46,7 +46,9 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from rlvr_fast.grpo import checkpointing
 from rlvr_fast.grpo.report import JsonlWriter
+from rlvr_fast.model.attention import PackedBatch
 
 log = logging.getLogger("rlvr_fast")
 
@@ -181,7 +183,7 @@ class Dist:
         Returns True when `exc` is only the echo of another rank's recorded failure."""
         if not self.enabled or not dist.is_initialized():
             return False
-        store = _store()
+        store = _try(_store)  # None: no record, the other ranks fail on the closed connections or the timeout
         recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
         echo = bool(recorded) and not recorded.startswith((f"rank {self.rank} ", f"rank {self.rank}:"))
         if not echo:
@@ -277,7 +279,6 @@ class Dist:
             return
         device = model.lm_head.weight.device
         ids = torch.zeros(1, dtype=torch.long, device=device)
-        from rlvr_fast.model.attention import PackedBatch
         batch = PackedBatch.from_cu_seqlens(torch.tensor([0, 1], dtype=torch.int32, device=device), 1)
         for _ in range(self.passes - passes):
             hidden = model.forward_packed(ids, batch)
@@ -292,8 +293,6 @@ class Dist:
         """Rank 0 writes the HF-layout weights (with FSDP, gathered from all ranks to its CPU) and the
         trainer state. With FSDP each rank also writes its optimizer shard, before rank 0 writes
         trainer_state.pt, which marks the checkpoint complete."""
-        from rlvr_fast.grpo import checkpointing
-
         path = output / f"checkpoint-{step}"
         state = {**state, "world_size": self.world_size, "shard": "fsdp" if self.fsdp else "none"}
         if not self.fsdp:
@@ -321,8 +320,6 @@ class Dist:
 
     def load_state(self, checkpoint: Path) -> dict[str, Any]:
         """The trainer state of `checkpoint` for this rank (with FSDP, its optimizer shard)."""
-        from rlvr_fast.grpo import checkpointing
-
         state = checkpointing.load_state(checkpoint)
         saved_shard, saved_world = state.get("shard", "none"), state.get("world_size", 1)
         if saved_shard == "fsdp" and (self.shard != "fsdp" or saved_world != self.world_size):
