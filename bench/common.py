@@ -194,14 +194,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, body: str, device: str) -> str:
-    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md."""
+def append_results(title: str, body: str, device: str, method: str | None = None) -> str:
+    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md.
+    method: how the figures were measured, when not by the interleaved timing above."""
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     section = (f"## {title}\n\n"
                f"- date: {stamp}\n- machine: {machine()}\n- versions: {versions()}\n- command: `{cmd}`\n"
-               f"- method: median of interleaved timed calls after warm-up; "
-               f"{MEMORY_METHOD[device]}\n\n{body}\n\n")
+               f"- method: {method or 'median of interleaved timed calls after warm-up; ' + MEMORY_METHOD[device]}"
+               f"\n\n{body}\n\n")
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nWritten by the scripts in bench/ (never by hand); newest last.\n\n")
     with RESULTS.open("a") as f:
