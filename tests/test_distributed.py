@@ -116,6 +116,17 @@ def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, sha
             main(["--resume", str(out), "--steps", "4"])
 
 
+def test_two_ranks_equal_one_process_with_dapo_gspo_tis(tiny, tmp_path):
+    """dapo divides by the step's token count over all ranks; GSPO, TIS and the entropy bonus are per rank's
+    completions: 2 ranks must still train exactly what one process trains."""
+    variant = (*COMMON, "--steps", "2", "--loss-type", "dapo", "--ratio-level", "sequence", "--tis-cap", "1.5",
+               "--entropy-coef", "0.01")
+    assert main(args(tiny, tmp_path / "one", *variant)) == 0
+    run_ok(args(tiny, tmp_path / "two", *variant, "--dist-timeout", "60"))
+    assert_same_metrics(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
+
+
 def test_each_rank_takes_a_contiguous_share():
     assert [Dist(rank=r, world_size=2).local_slice(8) for r in range(2)] == [slice(0, 4), slice(4, 8)]
     # Evaluation problems need not split evenly: the first ranks take one more.
