@@ -33,6 +33,12 @@ class TrainConfig:
     curriculum: bool = opt(True, "multiply: start at 1x1 digits and grow towards --digits as accuracy rises")
     promote_at: float = opt(0.6, "multiply: rolling training accuracy that moves the curriculum up a level")
     format_weight: float = opt(0.3, "weight of the format reward (answer line present, any number)")
+    data: str | None = opt(None, "function-pick: a Glaive function-calling v2 JSON file (default: synthetic); "
+                                 "jsonl: the JSONL file of prompt/answer lines")
+    reward: tuple[str, ...] = opt((), "jsonl: a reward NAME[:WEIGHT] (exact, number, format) or package.module:function"
+                                      "[:WEIGHT]; repeat for several (default: exact:1 format:0.1)", repeat=True)
+    reward_timeout: float = opt(10.0, "seconds a user reward may take per completion before it scores 0 (counted)")
+    reward_workers: int = opt(2, "worker processes that run user rewards")
     # rollout
     steps: int = opt(30, "optimizer steps")
     prompts_per_step: int = opt(4, "prompts sampled per step (P)")
@@ -73,7 +79,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                    "micro_batch_tokens", "eval_size", "max_bad_steps")
+                    "micro_batch_tokens", "eval_size", "max_bad_steps", "reward_workers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -89,6 +95,7 @@ class TrainConfig:
             (self.clip_high >= 0, "--clip-high must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (self.group_size >= 2, "--group-size must be >= 2: advantages compare completions within a group"),
+            (self.reward_timeout > 0, "--reward-timeout must be > 0 seconds"),
         ]
         for ok, message in checks:
             if not ok:
@@ -99,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, f.name)!r}")
         self.digits = tuple(int(d) for d in self.digits)
+        if isinstance(self.reward, str):  # a config file may give one reward as a plain string
+            self.reward = (self.reward,)
+        self.reward = tuple(self.reward or ())
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
