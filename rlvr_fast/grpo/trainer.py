@@ -147,7 +147,8 @@ class GRPOTrainer:
             completions = self.engine.generate(prompt_ids, params, n=n)
         flat, errors, timeouts = self.score_all([(p, c.text) for p, group in zip(problems, completions) for c in group])
         components = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
-        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components])
+        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components],
+                               dtype=torch.float32)  # float even when every call failed (all 0)
         return Rollout(problems, prompt_ids, completions, components, rewards, errors, timeouts, time.perf_counter() - start)
 
     # ---- log-probs and the update --------------------------------------------------------
