@@ -24,7 +24,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
 def register_task(name: str, task: Task | Callable, defaults: dict[str, Any] | None = None) -> None:
-    TASKS[name] = task if not hasattr(task, "score") else (lambda cfg: task)
+    is_factory = callable(task) and (isinstance(task, type) or not hasattr(task, "score"))
+    TASKS[name] = task if is_factory else (lambda cfg: task)
     TASK_DEFAULTS[name] = dict(defaults or {})
 
 
@@ -39,17 +40,33 @@ def make_task(cfg) -> Task:
     return TASKS[cfg.task](cfg)
 
 
+def _refuse(cfg, *options: str) -> None:
+    given = [o for o in options if getattr(cfg, o)]
+    if given:
+        flags = ", ".join("--" + o.replace("_", "-") for o in given)
+        raise ValueError(f"{flags} does not apply to --task {cfg.task} (--data: function-pick and jsonl; --reward: jsonl)")
+
+
+def _multiply_task(cfg) -> MultiplyTask:
+    _refuse(cfg, "data", "reward")
+    return MultiplyTask(digits=cfg.digits, curriculum=cfg.curriculum, promote_at=cfg.promote_at,
+                        format_weight=cfg.format_weight, eval_size=cfg.eval_size)
+
+
+def _function_pick_task(cfg) -> FunctionPickTask:
+    _refuse(cfg, "reward")  # the reward is the task's own: the final choice
+    return FunctionPickTask(data=cfg.data, eval_size=cfg.eval_size, format_weight=cfg.format_weight)
+
+
 def _jsonl_task(cfg) -> RewardTask:
     from rlvr_fast.tasks.jsonl import jsonl_task
     return jsonl_task(cfg.data, cfg.reward, eval_size=cfg.eval_size)
 
 
-register_task("multiply", lambda cfg: MultiplyTask(digits=cfg.digits, curriculum=cfg.curriculum, promote_at=cfg.promote_at,
-                                                   format_weight=cfg.format_weight, eval_size=cfg.eval_size))
+register_task("multiply", _multiply_task)
 # Sized for the embedded 135M model on a 2-core CPU (README): prompts are ~270 tokens of function schemas.
-register_task("function-pick", lambda cfg: FunctionPickTask(data=cfg.data, eval_size=cfg.eval_size,
-                                                            format_weight=cfg.format_weight),
-              defaults={"max_new_tokens": 64, "steps": 40, "lr": 2e-5, "eval_size": 48, "eval_every": 0})
+register_task("function-pick", _function_pick_task,
+              defaults={"max_new_tokens": 64, "lr": 2e-5, "eval_every": 0})
 register_task("jsonl", _jsonl_task, defaults={"max_new_tokens": 256})
 
 __all__ = ["FunctionPickTask", "MultiplyTask", "Problem", "RewardTask", "TASKS", "Task", "make_task", "register_task",

@@ -188,8 +188,8 @@ class RewardSet:
             fn, weight = r if isinstance(r, tuple) else (r, 1.0)
             if not callable(fn):
                 raise ValueError(f"reward {i}: {fn!r} is not callable (give a function, (function, weight) or a spec string)")
-            name = getattr(fn, "__name__", "") if getattr(fn, "__name__", "<lambda>").isidentifier() else f"reward{i}"
-            self.entries.append((name or f"reward{i}", fn, float(weight)))
+            name = getattr(fn, "__name__", "")
+            self.entries.append((name if name.isidentifier() else f"reward{i}", fn, float(weight)))  # a lambda: reward{i}
         if not self.entries:
             raise ValueError("no reward given")
         names = [name for name, _, _ in self.entries]
