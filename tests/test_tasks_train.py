@@ -103,3 +103,33 @@ def test_reward_option_in_a_config_file_and_flags_replace_it(tmp_path):
     assert cfg.reward == ("number:1", "format:0.2") and cfg.max_new_tokens == 99  # the file beats the task default
     assert parse_config(["--config", str(cfg_file), "--reward", "exact"]).reward == ("exact",)
     assert parse_config(["--task", "function-pick"]).output == "runs/function-pick"
+
+
+def test_options_a_task_does_not_use_are_refused(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--reward does not apply to --task multiply"):
+        main(args(tiny, tmp_path / "a", "--task", "multiply", "--reward", "exact"))
+    with pytest.raises(SystemExit, match="--data does not apply"):
+        main(args(tiny, tmp_path / "b", "--task", "multiply", "--data", "x.json"))
+    with pytest.raises(SystemExit, match="needs --data"):
+        main(args(tiny, tmp_path / "c", "--task", "jsonl"))
+
+
+def test_readme_script_runs(tiny, tmp_path):
+    """The README's "task from your own code" example, as a script (its reward goes through the worker pool,
+    which imports the script's module), on the tiny model."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```python\n(# train_double.py\n.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    call = 'main(["--task", "double", "--steps", "20"])'
+    assert call in block
+    script = tmp_path / "train_double.py"
+    script.write_text(block.replace(call, f'main(["--task", "double", *{args(tiny, tmp_path / "run")!r}])'))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker processes" in proc.stderr  # scored in the pool
+    m = records(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert {"reward_number", "reward_shows_work"} <= m.keys() and m["reward_errors"] == 0
