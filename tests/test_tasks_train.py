@@ -31,6 +31,11 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_multiply(tiny, tmp_path):
+    assert main(args(tiny, tmp_path / "run", "--task", "multiply")) == 0
+    assert [m["step"] for m in records(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
 def test_function_pick_synthetic(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(args(tiny, out, "--task", "function-pick")) == 0
