@@ -32,7 +32,8 @@ class TrainConfig:
     digits: tuple[int, int] = opt((1, 1), "multiply: operand sizes A B of the target (the blog used 4 2)", nargs=2)
     curriculum: bool = opt(True, "multiply: start at 1x1 digits and grow towards --digits as accuracy rises")
     promote_at: float = opt(0.6, "multiply: rolling training accuracy that moves the curriculum up a level")
-    format_weight: float = opt(0.3, "weight of the format reward (answer line present, any number)")
+    format_weight: float = opt(0.3, "weight of the format reward (multiply: answer line present, any number; "
+                                    "function-pick: graded credit for the choice markers, 0 = the blog's reward)")
     data: str | None = opt(None, "function-pick: a Glaive function-calling v2 JSON file (default: synthetic); "
                                  "jsonl: the JSONL file of prompt/answer lines")
     reward: tuple[str, ...] = opt((), "jsonl: a reward NAME[:WEIGHT] (exact, number, format) or package.module:function"
