@@ -3,13 +3,14 @@
     from rlvr_fast.tasks import Problem, RewardTask, register_task
     from rlvr_fast.train import main
 
-    def shouts(prompt: str, completion: str, answer: str) -> float:
-        return float(completion.strip().endswith("!"))
+    def shows_work(prompt: str, completion: str, answer: str) -> float:
+        return float("=" in completion)
 
-    problems = [Problem([{"role": "user", "content": f"Greet {n}"}], answer=n) for n in ["Ana", "Bo", "Cy", "Di"]]
-    register_task("greet", RewardTask(name="greet", train=problems[:3], eval=problems[3:],
-                                      rewards=[("number", 1.0), (shouts, 0.5)]))
-    main(["--task", "greet", "--steps", "20"])
+    if __name__ == "__main__":  # the reward workers import this module: keep the run under the guard
+        problems = [Problem([{"role": "user", "content": f"What is {a} + {a}?"}], str(2 * a)) for a in range(100)]
+        register_task("double", RewardTask(name="double", train=problems[:80], eval=problems[80:],
+                                           rewards=[("number", 1.0), (shows_work, 0.2)]))
+        main(["--task", "double", "--steps", "20"])
 
 Rewards are built-in names, `--reward`-style spec strings, functions, or (function, weight). When
 any is not a built-in, the task hands the trainer its `scorer` and scoring runs in the reward
