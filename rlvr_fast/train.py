@@ -40,6 +40,8 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "digits":
             kwargs.update(nargs=2, type=int, metavar=("A", "B"))
+        elif f.metadata.get("repeat"):
+            kwargs.update(action="append", default=None if not only_given else argparse.SUPPRESS)
         else:
             kwargs["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             if "choices" in f.metadata:
@@ -76,11 +78,17 @@ def _parse(argv: list[str] | None) -> tuple[TrainConfig, set[str]]:
     """The config, and the names of the options given explicitly on the command line."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config is not None:
-        parser.set_defaults(**read_config_file(pre.config))
+    from_file = read_config_file(pre.config) if pre.config is not None else {}
+    parser.set_defaults(**from_file)
     args = vars(parser.parse_args(argv))
     args.pop("config")
-    given = set(vars(build_parser(only_given=True).parse_args(argv))) - {"config"}
+    typed = vars(build_parser(only_given=True).parse_args(argv))
+    given = set(typed) - {"config"}
+    # Repeatable flags replace a config file's list instead of appending to it.
+    args.update({f.name: typed[f.name] for f in dataclasses.fields(TrainConfig) if f.metadata.get("repeat") and f.name in typed})
+    # A task's suggested defaults (e.g. a longer --max-new-tokens) apply to options neither typed nor in the file.
+    from rlvr_fast.tasks import task_defaults
+    args.update({k: v for k, v in task_defaults(args["task"]).items() if k not in given and k not in from_file})
     try:
         return TrainConfig(**args), given
     except (ValueError, TypeError) as exc:

@@ -34,7 +34,14 @@ class TrainConfig:
     digits: tuple[int, int] = opt((1, 1), "multiply: operand sizes A B of the target (the blog used 4 2)", nargs=2)
     curriculum: bool = opt(True, "multiply: start at 1x1 digits and grow towards --digits as accuracy rises")
     promote_at: float = opt(0.6, "multiply: rolling training accuracy that moves the curriculum up a level")
-    format_weight: float = opt(0.3, "weight of the format reward (answer line present, any number)")
+    format_weight: float = opt(0.3, "weight of the format reward (multiply: answer line present, any number; "
+                                    "function-pick: graded credit for the choice markers, 0 = the blog's reward)")
+    data: str | None = opt(None, "function-pick: a Glaive function-calling v2 JSON file (default: synthetic); "
+                                 "jsonl: the JSONL file of prompt/answer lines")
+    reward: tuple[str, ...] = opt((), "jsonl: a reward NAME[:WEIGHT] (exact, number, format) or package.module:function"
+                                      "[:WEIGHT]; repeat for several (default: exact:1 format:0.1)", repeat=True)
+    reward_timeout: float = opt(10.0, "seconds a user reward may take per completion before it scores 0 (counted)")
+    reward_workers: int = opt(2, "worker processes that run user rewards")
     # rollout
     steps: int = opt(30, "optimizer steps")
     prompts_per_step: int = opt(4, "prompts sampled per step (P)")
@@ -86,7 +93,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                    "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout")
+                    "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout", "reward_workers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -106,6 +113,7 @@ class TrainConfig:
                                                                    "ratio above the clip range)"),
             (self.tis_cap is None or self.tis_cap > 0, "--tis-cap must be > 0 (typical: 2)"),
             (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "--entropy-coef must be >= 0"),
+            (self.reward_timeout > 0, "--reward-timeout must be > 0 seconds"),
         ]
         for ok, message in checks:
             if not ok:
@@ -116,6 +124,9 @@ class TrainConfig:
                 raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, f.name)!r}")
         self.digits = tuple(int(d) for d in self.digits)
+        if isinstance(self.reward, str):  # a config file may give one reward as a plain string
+            self.reward = (self.reward,)
+        self.reward = tuple(self.reward or ())
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

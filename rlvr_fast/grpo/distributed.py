@@ -346,6 +346,7 @@ def gather_rollout(d: Dist, ro):
         ro, problems=[p for r in parts for p in r.problems], prompt_ids=[p for r in parts for p in r.prompt_ids],
         completions=[g for r in parts for g in r.completions], components=[c for r in parts for c in r.components],
         rewards=torch.cat([r.rewards for r in parts]), reward_errors=sum(r.reward_errors for r in parts),
+        reward_timeouts=sum(r.reward_timeouts for r in parts),
         seconds=max(r.seconds for r in parts))
 
 

@@ -38,6 +38,7 @@ from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
 from rlvr_fast.tasks.base import Problem, total_reward
+from rlvr_fast.tasks.pool import RewardPool
 
 log = logging.getLogger("rlvr_fast")
 
@@ -54,6 +55,7 @@ class Rollout:
     components: list[list[dict[str, float]]]  # [P][G]
     rewards: torch.Tensor  # [P, G]
     reward_errors: int
+    reward_timeouts: int
     seconds: float
 
 
@@ -77,6 +79,12 @@ class GRPOTrainer:
         self.step = 0
         self.bad_steps = 0
         self.reward_error_shown = False
+        # Tasks with user rewards hand over a picklable `scorer`: it runs in worker processes with a time
+        # limit per call. Built-in rewards are fast and trusted: they score in-process.
+        scorer = getattr(task, "scorer", None)
+        self.reward_pool = RewardPool(scorer, cfg.reward_workers, cfg.reward_timeout) if scorer is not None else None
+        log.info("rewards: %s", f"{cfg.reward_workers} worker processes, {cfg.reward_timeout:g} s limit per completion"
+                 if self.reward_pool else "built-in, scored in-process")
         self.metrics = self.dist.writer(output / "metrics.jsonl")  # rank 0 writes, the others do not
         self.samples = self.dist.writer(output / "samples.jsonl")
         self.evals = self.dist.writer(output / "eval.jsonl")
@@ -113,17 +121,29 @@ class GRPOTrainer:
         text = self.tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def score(self, problem: Problem, text: str) -> tuple[dict[str, float], bool]:
+    def score(self, problem: Problem, text: str) -> tuple[str, Any]:
         try:
-            return self.task.score(problem, text), False
+            return "ok", self.task.score(problem, text)
         except Exception:
-            if self.cfg.strict_rewards:
-                raise TrainingError("the reward function raised (and --strict-rewards is set):\n" + traceback.format_exc())
-            if not self.reward_error_shown:
-                self.reward_error_shown = True
-                log.error("reward function raised; the completion scores 0 (further errors are only counted):\n%s",
-                          traceback.format_exc())
-            return {}, True
+            return "error", traceback.format_exc()
+
+    def score_all(self, pairs: list[tuple[Problem, str]]) -> tuple[list[dict[str, float]], int, int]:
+        """Components of every (problem, completion); a reward that raises or times out scores {} (0), counted."""
+        outcomes = self.reward_pool.map(pairs) if self.reward_pool else [self.score(p, t) for p, t in pairs]
+        components, errors, timeouts = [], 0, 0
+        for status, value in outcomes:
+            if status == "error":
+                if self.cfg.strict_rewards:
+                    raise TrainingError("the reward function raised (and --strict-rewards is set):\n" + value)
+                if not self.reward_error_shown:
+                    self.reward_error_shown = True
+                    log.error("reward function raised; the completion scores 0 (further errors are only counted):\n%s", value)
+            errors += status == "error"
+            timeouts += status == "timeout"
+            components.append(value if status == "ok" else {})
+        if timeouts:
+            log.warning("%d reward call(s) passed --reward-timeout %g s and scored 0", timeouts, self.cfg.reward_timeout)
+        return components, errors, timeouts
 
     def rollout(self, problems: list[Problem], params: SamplingParams, n: int, first_prompt_index: int = 0) -> Rollout:
         start = time.perf_counter()
@@ -131,16 +151,11 @@ class GRPOTrainer:
         self.model.eval()
         with torch.no_grad(), self.dist.full_weights(self.model):  # FSDP: gathered for the rollout, freed after
             completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index)
-        components, errors = [], 0
-        for problem, group in zip(problems, completions):
-            row = []
-            for c in group:
-                comp, failed = self.score(problem, c.text)
-                errors += failed
-                row.append(comp)
-            components.append(row)
-        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components])
-        return Rollout(problems, prompt_ids, completions, components, rewards, errors, time.perf_counter() - start)
+        flat, errors, timeouts = self.score_all([(p, c.text) for p, group in zip(problems, completions) for c in group])
+        components = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
+        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components],
+                               dtype=torch.float32)  # float even when every call failed (all 0)
+        return Rollout(problems, prompt_ids, completions, components, rewards, errors, timeouts, time.perf_counter() - start)
 
     # ---- log-probs and the update --------------------------------------------------------
 
@@ -289,6 +304,7 @@ class GRPOTrainer:
             "accuracy": sum(correct) / len(correct),
             "format_rate": sum(c.get("format", 0.0) for row in ro.components for c in row) / ro.rewards.numel(),
             "reward_errors": ro.reward_errors,
+            "reward_timeouts": ro.reward_timeouts,
             "zero_std_groups": int(zero_std.sum()),
             "completion_len_mean": gen_tokens / len(lengths),
             "completion_len_max": max(lengths),
@@ -330,7 +346,10 @@ class GRPOTrainer:
         result = {"step": self.step, "set": label, "size": len(problems),
                   "accuracy": sum(c.get("correct", 0.0) for c in comps) / len(comps),
                   "format_rate": sum(c.get("format", 0.0) for c in comps) / len(comps),
-                  "reward_mean": float(ro.rewards.mean())}
+                  "reward_mean": float(ro.rewards.mean()),
+                  # every component's mean, e.g. function-pick's confusion cells
+                  "components": {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in sorted({k for c in comps for k in c})},
+                  "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts}
         self.evals.write(result)
         return result
 
@@ -346,6 +365,9 @@ class GRPOTrainer:
         for r in results:
             self.dist.print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
                             f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
+            others = {k: v for k, v in r["components"].items() if k not in ("correct", "format")}
+            if others:
+                self.dist.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
         if self.dist.is_main:
             write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
         return results
@@ -401,6 +423,8 @@ class GRPOTrainer:
             self.save()
             raise
         after = self.run_evals()
+        if self.reward_pool is not None:
+            self.reward_pool.close()
         self.save()
         summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
         if self.dist.is_main:

@@ -39,6 +39,11 @@ class Task(Protocol):
         """Reward components of one completion."""
         ...
 
+    # Optional: `scorer`, a picklable callable (problem, completion) -> components. A task that has one
+    # (a RewardTask with user rewards) is scored by it in worker processes with --reward-timeout per call;
+    # other tasks are scored in-process by `score`. `observe(correct)`, `state_dict()`/`load_state_dict()`:
+    # see MultiplyTask (curriculum).
+
 
 def total_reward(components: dict[str, float], weights: dict[str, float]) -> float:
     return sum(weights.get(name, 0.0) * value for name, value in components.items())

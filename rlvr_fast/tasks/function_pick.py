@@ -1,0 +1,184 @@
+"""Function picking: decide whether to call one of the functions on show, and which.
+
+The second experiment of the reference blog. The system message shows function definitions
+(JSON schemas) and the blog's instruction (INSTRUCTION, verbatim); the user asks something. The
+completion must end with `<functioncall> NAME` when a call is needed and every required
+argument can be taken from the request, and with `<no_functioncall>` otherwise. The reward is
+only that final choice; how the model reasons before it is free.
+
+Problems come from a local Glaive function-calling v2 file (`--data`, see glaive.py) or, without
+one, from a synthetic generator over function_catalog.py, deterministic by seed, with three kinds
+of request: everything required is given (call), a required argument is missing or cannot be
+derived (no call), the request has nothing to do with the functions shown (no call). Calls and
+non-calls are balanced (half and half; the non-calls split evenly between the two kinds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import string
+from dataclasses import dataclass
+
+from rlvr_fast.tasks.base import Problem
+from rlvr_fast.tasks.function_catalog import CATALOGUE, SLOTS, UNRELATED, FunctionSpec
+
+log = logging.getLogger("rlvr_fast")
+
+INSTRUCTION = ("provide your thought process, if function call is needed and there is enough information to make the "
+               "function call, return '<functioncall> name_of_the_function' at the end, otherwise return "
+               "'<no_functioncall>' at the end")
+PREAMBLE = "You are a helpful assistant with access to the following functions. Use them if required -"
+NO_CALL = "none"
+"""The answer of a problem that must not call (Problem.answer holds the function name otherwise)."""
+
+MARKER_RE = re.compile(r"<functioncall>\s*[`'\"]?([A-Za-z_][\w.\-]*)|<no_functioncall>")
+# What may follow the final choice and still count as "at the end": closing quotes, code fences, punctuation.
+TRAILER_RE = re.compile(r"[\s'\"`.,;:!*)\]}>]*")
+
+CONFUSION = ("called_right", "called_wrong", "called_unneeded", "missed_call", "no_call_right", "no_choice")
+"""One of these is 1 per completion, judged on its last choice marker (wherever it is)."""
+
+
+def final_choice(completion: str) -> tuple[str | None, bool]:
+    """The completion's last choice (a function name, NO_CALL, or None if it makes none) and whether
+    that choice ends the completion."""
+    matches = list(MARKER_RE.finditer(completion))
+    if not matches:
+        return None, False
+    last = matches[-1]
+    choice = last.group(1) if last.group(1) else NO_CALL
+    return choice, TRAILER_RE.fullmatch(completion, last.end()) is not None
+
+
+# Graded format credit (a 135M model almost never writes a marker at first, so the exact reward alone
+# gives no signal): checked in order, the first that holds sets the format score.
+MARKER_WORD_RE = re.compile(r"functioncall", re.I)
+
+
+def format_score(completion: str) -> float:
+    choice, at_end = final_choice(completion)
+    if at_end:
+        return 1.0  # a choice marker ends the completion
+    if choice is not None:
+        return 0.5  # a marker, with text after it
+    return 0.25 if MARKER_WORD_RE.search(completion) else 0.0  # e.g. "**no_functioncall**"
+
+
+def function_pick_reward(completion: str, answer: str) -> dict[str, float]:
+    """correct: the completion ends with the right choice (the blog's reward); format: graded credit
+    for the choice markers (format_score); plus the confusion cell of its last choice (CONFUSION)."""
+    choice, at_end = final_choice(completion)
+    if choice is None:
+        cell = "no_choice"
+    elif answer == NO_CALL:
+        cell = "no_call_right" if choice == NO_CALL else "called_unneeded"
+    else:
+        cell = "missed_call" if choice == NO_CALL else ("called_right" if choice == answer else "called_wrong")
+    return {"correct": float(at_end and choice == answer), "format": format_score(completion),
+            **{name: float(name == cell) for name in CONFUSION}}
+
+
+def system_message(functions: list[dict]) -> str:
+    return "\n".join([PREAMBLE, *(json.dumps(f, indent=4) for f in functions), INSTRUCTION])
+
+
+def make_problem(system: str, user: str, answer: str | None, **meta) -> Problem:
+    return Problem(messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                   answer=answer or NO_CALL, meta=meta)
+
+
+# ---- the synthetic generator ----------------------------------------------------------------
+
+KINDS = ("call", "missing", "call", "unrelated")
+"""Cycled by the evaluation set and drawn uniformly for training: half calls, half non-calls."""
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    names = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    return template.format(**{name: rng.choice(SLOTS[name]) for name in names})
+
+
+def synthetic_problem(rng: random.Random, kind: str, max_functions: int = 2) -> Problem:
+    """One problem of the given kind: 1..max_functions functions on show, of different topics."""
+    shown = rng.sample(CATALOGUE, rng.randint(1, max_functions))
+    topics = {f.topic for f in shown}
+    target: FunctionSpec = shown[0]
+    rng.shuffle(shown)
+    if kind == "call":
+        user, answer = _fill(rng.choice(target.call), rng), target.name
+    elif kind == "missing":
+        user, answer = _fill(rng.choice(target.missing), rng), None
+    elif kind == "unrelated":
+        others = [f for f in CATALOGUE if f.topic not in topics]
+        # Half chit-chat, half a request another (not shown) function could serve.
+        user = rng.choice(UNRELATED) if rng.random() < 0.5 else _fill(rng.choice(rng.choice(others).call), rng)
+        answer = None
+    else:
+        raise ValueError(f"unknown request kind {kind!r}")
+    return make_problem(system_message([f.schema for f in shown]), user, answer, kind=kind,
+                        functions=[f.name for f in shown])
+
+
+def _key(problem: Problem) -> tuple[str, str]:
+    return problem.messages[0]["content"], problem.messages[1]["content"]
+
+
+@dataclass(kw_only=True)
+class FunctionPickTask:
+    data: str | None = None
+    """A Glaive function-calling v2 JSON file; None: the synthetic generator."""
+    eval_size: int = 64
+    format_weight: float = 0.3
+    """Weight of `format` (graded marker credit). The blog rewards only the right choice (0); a small model
+    needs the shaping to find the markers at all."""
+    eval_seed: int = 1234
+    name: str = "function-pick"
+
+    def __post_init__(self) -> None:
+        self.reward_weights = {"correct": 1.0, "format": self.format_weight}
+        if self.data is None:
+            rng = random.Random(self.eval_seed)
+            self._eval = [synthetic_problem(rng, KINDS[i % len(KINDS)]) for i in range(self.eval_size)]
+            self._held_out = {_key(p) for p in self._eval}
+            self._train = None
+        else:
+            self._eval, self._train = self._load(self.data)
+
+    def _load(self, path: str) -> tuple[list[Problem], list[Problem]]:
+        from rlvr_fast.tasks.glaive import load_glaive
+        examples, skipped = load_glaive(path)
+        if skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+            log.warning("--data %s: skipped %d of %d records that could not be read (%s)", path, sum(skipped.values()),
+                        len(examples) + sum(skipped.values()), reasons)
+        if len(examples) < 2:
+            raise ValueError(f"--data {path}: {len(examples)} readable Glaive records; need at least 2 "
+                             "(one to train on, one to evaluate)")
+        problems = [make_problem(f"{e.system}\n{INSTRUCTION}", e.user, e.label, functions=list(e.functions))
+                    for e in examples]
+        order = list(range(len(problems)))
+        random.Random(self.eval_seed).shuffle(order)
+        n_eval = min(self.eval_size, len(problems) // 2)  # at least half stays for training
+        calls = sum(p.answer != NO_CALL for p in problems)
+        log.info("--data %s: %d examples (%d call, %d no call), %d held out for evaluation", path, len(problems),
+                 calls, len(problems) - calls, n_eval)
+        return [problems[i] for i in order[:n_eval]], [problems[i] for i in order[n_eval:]]
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        if self._train is not None:
+            return [rng.choice(self._train) for _ in range(n)]
+        problems = []
+        while len(problems) < n:
+            p = synthetic_problem(rng, rng.choice(KINDS))
+            if _key(p) not in self._held_out:
+                problems.append(p)
+        return problems
+
+    def eval_problems(self) -> list[Problem]:
+        return list(self._eval)
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        return function_pick_reward(completion, problem.answer)
