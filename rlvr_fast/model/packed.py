@@ -11,6 +11,10 @@ The packed copies are built when a rollout starts and dropped when it ends
 memory only while generating. MKL's packed fp32 GEMM gives bit-identical results to the plain
 one; oneDNN's bf16 GEMM accumulates in fp32 like the plain bf16 path. Where these ops are missing
 (non-x86 builds) the fused weight runs through a plain F.linear, and one log line says so.
+
+With LoRA the packed copies hold the frozen base weights and each adapter's low-rank term is added
+to its slice of the output per call, unmerged (lora.py says why); an adapter switched off
+(`lora_disabled`) adds nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from rlvr_fast.model.lora import LoRALinear
 
 log = logging.getLogger("rlvr_fast")
 _BACKEND: dict[torch.dtype, str] = {}
@@ -56,6 +62,7 @@ class PackedLinear:
             has_bias = linears[0].bias is not None
             self.bias = torch.cat([m.bias for m in linears]) if has_bias else None
         self.sizes = [m.out_features for m in linears]
+        self.adapters = [m if isinstance(m, LoRALinear) else None for m in linears]
         self.backend = _probe(weight.dtype) if weight.device.type == "cpu" else "plain"
         self.weight = weight  # kept for plain, and MKL's op takes the original too
         if self.backend == "mkl":
@@ -71,4 +78,8 @@ class PackedLinear:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         else:
             y = F.linear(x, self.weight, self.bias)
-        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
+        parts = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+        for i, m in enumerate(self.adapters):
+            if m is not None and m.enabled:
+                parts[i] = parts[i] + m.lora_delta(x)
+        return tuple(parts) if len(parts) > 1 else parts[0]
