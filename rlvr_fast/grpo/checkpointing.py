@@ -1,7 +1,7 @@
 """Checkpoints of a run: HF-layout weights plus the trainer state needed to continue bit for bit.
 
 OUTPUT/checkpoint-STEP/ holds the model (config.json, safetensors, tokenizer files: loadable by
-transformers and by --model) and trainer_state.pt (optimizer, schedule, RNG states, step, task
+transformers and by --model; with LoRA: the adapters alone, in PEFT's layout) and trainer_state.pt (optimizer, schedule, RNG states, step, task
 state such as the curriculum level and the data position). Each checkpoint is written under a
 temporary name and renamed into place, then OUTPUT/latest is replaced atomically; a run killed at
 any moment leaves the previous checkpoint intact and pointed to.
@@ -17,14 +17,20 @@ from typing import Any
 import torch
 
 from rlvr_fast.checkpoint import save_pretrained
+from rlvr_fast.checkpoint.adapters import save_adapters
+from rlvr_fast.model.lora import has_lora
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
 
 
-def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2,
+                    base_model: str | None = None) -> Path:
     path = output / f"checkpoint-{step}"
-    save_pretrained(model, tokenizer, path)  # atomic on its own
+    if has_lora(model):  # the frozen base is --model itself: only the adapters change
+        save_adapters(model, path, base_model, tokenizer)
+    else:
+        save_pretrained(model, tokenizer, path)  # atomic on its own
     tmp_state = path / (STATE_FILE + ".tmp")
     torch.save(state, tmp_state)
     os.replace(tmp_state, path / STATE_FILE)
