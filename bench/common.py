@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from rlvr_fast.grpo.memory import status_kib as _status_kib
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MEMORY_METHOD = {
     "cuda": "peak extra memory = torch.cuda.max_memory_allocated() during one call minus allocated before it",
@@ -57,14 +59,6 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 1, reps: int = 
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_extra_memory(fn: Callable[[], object], device: str) -> int:
@@ -194,14 +188,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, body: str, device: str) -> str:
-    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md."""
+def append_results(title: str, body: str, device: str, method: str | None = None) -> str:
+    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md; `method`
+    replaces the default method line (timing + MEMORY_METHOD[device])."""
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     section = (f"## {title}\n\n"
                f"- date: {stamp}\n- machine: {machine()}\n- versions: {versions()}\n- command: `{cmd}`\n"
-               f"- method: median of interleaved timed calls after warm-up; "
-               f"{MEMORY_METHOD[device]}\n\n{body}\n\n")
+               f"- method: {method or 'median of interleaved timed calls after warm-up; ' + MEMORY_METHOD[device]}"
+               f"\n\n{body}\n\n")
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nWritten by the scripts in bench/ (never by hand); newest last.\n\n")
     with RESULTS.open("a") as f:
