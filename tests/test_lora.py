@@ -270,3 +270,24 @@ def test_lora_resume_equals_straight_run(tiny, tmp_path, dtype):
     clean = lambda path: [{k: v for k, v in json.loads(line).items() if not any(d in k for d in drop)}
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert clean(straight) == clean(split)
+
+
+def test_reference_logprobs_are_the_base_models(tiny, tmp_path):
+    from rlvr_fast.grpo.batching import Sample, make_micro_batch
+    from rlvr_fast.grpo.config import TrainConfig
+    from rlvr_fast.grpo.trainer import GRPOTrainer
+    from tests.test_train import DigitsTask
+
+    cfg = TrainConfig(model=str(tiny), output=str(tmp_path), prompts_per_step=2, group_size=2, max_new_tokens=6,
+                      eval_size=2, dtype="float32", beta=0.1, lora_rank=4, lora_alpha=8.0)
+    model, tok = rlvr_fast.load_pretrained(tiny)
+    trainer = GRPOTrainer(cfg, model, tok, DigitsTask(), tmp_path, torch.device("cpu"))
+    assert trainer.ref_model is None
+    randomize_adapters(model, std=0.2)
+    prompt = tok.encode("12 * 3 =")
+    samples = [Sample(prompt, tok.encode(text), 0.5, k, group=0) for k, text in enumerate([" 36", " the fox 12"])]
+    mbs = [make_micro_batch(samples, share_prompts=True)]
+    base, _ = rlvr_fast.load_pretrained(tiny)
+    ref = trainer.reference_logprobs(mbs, len(samples))
+    assert torch.equal(ref, trainer.token_logprobs(base, mbs, len(samples)))
+    assert not torch.allclose(ref, trainer.token_logprobs(model, mbs, len(samples)), atol=1e-3)  # adapters back on

@@ -77,6 +77,9 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
         raise CheckpointError(f"{file}: peft_type {raw.get('peft_type')!r}; only LoRA adapters are supported")
     short = {hf: s for s, hf in _HF_NAME.items()}
     targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise CheckpointError(f"{file}: target_modules is a pattern ({targets!r}); only a list of module names "
+                              f"({', '.join(short)}) is supported")
     unknown = [t for t in targets if t not in short]
     if unknown:
         raise CheckpointError(f"{file}: target_modules {unknown} are not Llama decoder projections "
