@@ -4,6 +4,7 @@ gradient checkpointing; on a GPU, the largest Llama shape that trains one step w
     python bench/bench_memory.py                       # CPU, embedded SmolLM2-135M, fp32, beta 0.04
     python bench/bench_memory.py --device cuda         # GPU: grow Llama shapes (random bf16 weights) until one fails
     python bench/bench_memory.py --device cpu --grow --shapes tiny,smollm2-135m   # dry run of the grow path
+    python bench/bench_memory.py --rollout             # LoRA rollout: unmerged vs merged into a reused buffer
 
 Compare mode (default, CPU or CUDA): each variant runs in its own fresh process (CPU: with
 MALLOC_MMAP_THRESHOLD_=65536, so freed buffers go back to the OS and the resident set is what is
@@ -20,6 +21,13 @@ vocabulary of Llama 3, 128256; the tokenizer is the embedded model's, whose ids 
 r=16 on all seven projections, beta 0.04, gradient checkpointing, one GRPO step of 2 prompts x 8
 completions x 64 tokens; each shape in a fresh process, smallest first, stopping at the first
 that does not fit (CUDA out-of-memory).
+
+Rollout mode (--rollout): what the rollout engine pays for LoRA. One process, the embedded model
+with LoRA r=16 on all projections (B random, so the update is not zero), RolloutEngine.generate of
+P prompts x G samples x N tokens (EOS ignored), timed alternately round after round: "unmerged" (as
+shipped: base + s (x A^T) B^T per call, on the CPU over the packed base weights), "merged buffer"
+(the alternative: W + s B A written into a second, plain model's weights, reused every rollout,
+merge time included), and "adapters off" (the base model alone: the floor). Medians.
 """
 
 from __future__ import annotations
@@ -254,6 +262,79 @@ def grow(args: argparse.Namespace) -> tuple[str, str, str]:
     return f"Largest Llama shape with LoRA, one GRPO step ({args.device})", body, method
 
 
+def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
+    import statistics
+
+    import torch
+
+    import rlvr_fast
+    from common import markdown_table
+    from rlvr_fast.checkpoint.default_model import default_model_dir
+    from rlvr_fast.model.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, merged_state_dict
+    from rlvr_fast.tasks.multiply import MultiplyTask
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=dtype)
+    buffer, _ = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=dtype)
+    apply_lora(model, LoRAConfig(rank=16, alpha=32.0))
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.weight.normal_(0, 1e-3, generator=gen)
+    problems = MultiplyTask(digits=(1, 1), curriculum=False).sample(__import__("random").Random(0), args.prompts)
+    prompts = [tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True), add_special_tokens=False)
+               for p in problems]
+    params = rlvr_fast.SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+    engines = {"unmerged": rlvr_fast.RolloutEngine(model, tok, num_blocks=256),
+               "merged buffer": rlvr_fast.RolloutEngine(buffer, tok, num_blocks=256)}
+    buffer_params = dict(buffer.named_parameters())
+
+    @torch.no_grad()
+    def merge_into_buffer() -> None:
+        for name, t in merged_state_dict(model).items():
+            if name in buffer_params:
+                buffer_params[name].copy_(t)
+
+    def run(variant: str) -> float:
+        t0 = time.perf_counter()
+        if variant == "merged buffer":
+            merge_into_buffer()
+        if variant == "adapters off":
+            with lora_disabled(model):
+                engines["unmerged"].generate(prompts, params, n=args.group)
+        else:
+            engines[variant].generate(prompts, params, n=args.group)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    variants = ["unmerged", "merged buffer", "adapters off"]
+    for v in variants:
+        run(v)  # warm-up
+    times = {v: [] for v in variants}
+    for _ in range(args.reps):
+        for v in variants:
+            times[v].append(run(v))
+            print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    merge_into_buffer()
+    merge_s = time.perf_counter() - t0
+    tokens = args.prompts * args.group * args.new_tokens
+    floor = statistics.median(times["adapters off"])
+    rows = [[v, f"{statistics.median(times[v]):.2f}", f"{tokens / statistics.median(times[v]):.0f}",
+             f"{statistics.median(times[v]) / floor:.2f}x", str([round(t, 2) for t in times[v]])] for v in variants]
+    targets = sum(m.weight.numel() for _, m in lora_modules(model))
+    body = (f"RolloutEngine.generate with LoRA (rank 16, all seven projections), SmolLM2-135M-Instruct, {args.dtype}, "
+            f"{args.device} ({torch.get_num_threads()} threads), {args.prompts} prompts x {args.group} samples x "
+            f"{args.new_tokens} tokens (EOS ignored), medians of {args.reps} alternating rounds. The merged buffer "
+            f"holds a second copy of the {targets / 1e6:.0f} M adapted weights ({targets * dtype.itemsize / 1e9:.2f} GB) "
+            f"for the whole run; one merge takes {merge_s * 1e3:.0f} ms (included in its times).\n\n"
+            + markdown_table(["variant", "s per rollout", "tokens/s", "vs adapters off", "rounds s"], rows))
+    return f"LoRA rollout: unmerged vs merged into a reused buffer ({args.device})", body, (
+        "timed alternately in one process after one warm-up each; shared machine, so the ratios matter more "
+        "than the absolute times")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -264,11 +345,13 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 (compare), 64 (grow)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compare mode precision")
+    ap.add_argument("--rollout", action="store_true", help="time LoRA rollouts: unmerged vs merged buffer vs base")
+    ap.add_argument("--reps", type=int, default=3, help="rollout mode: alternating rounds")
     ap.add_argument("--no-append", action="store_true", help="print the section only")
     ap.add_argument("--child-variant", help=argparse.SUPPRESS)
     ap.add_argument("--child-shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    grow_mode = args.grow if args.grow is not None else args.device.startswith("cuda")
+    grow_mode = args.grow if args.grow is not None else args.device.startswith("cuda") and not args.rollout
     if args.new_tokens is None:
         args.new_tokens = 64 if grow_mode else 32
     if args.child_variant or args.child_shape:
@@ -277,7 +360,7 @@ def main() -> None:
 
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    title, body, method = grow(args) if grow_mode else compare(args)
+    title, body, method = rollout(args) if args.rollout else grow(args) if grow_mode else compare(args)
     load_end = os.getloadavg()
     body += (f"\n\nLoad average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (machine shared); "
              f"total {(time.perf_counter() - t0) / 60:.1f} min.")
