@@ -4,7 +4,7 @@ gradient checkpointing; on a GPU, the largest Llama shape that trains one step w
     python bench/bench_memory.py                       # CPU, embedded SmolLM2-135M, fp32, beta 0.04
     python bench/bench_memory.py --device cuda         # GPU: grow Llama shapes (random bf16 weights) until one fails
     python bench/bench_memory.py --device cpu --grow --shapes tiny,smollm2-135m   # dry run of the grow path
-    python bench/bench_memory.py --rollout             # LoRA rollout: unmerged vs merged into a reused buffer
+    python bench/bench_memory.py --rollout             # LoRA rollout: merged into the packed copies vs unmerged
 
 Compare mode (default, CPU or CUDA): each variant runs in its own fresh process (CPU: with
 MALLOC_MMAP_THRESHOLD_=65536, so freed buffers go back to the OS and the resident set is what is
@@ -24,10 +24,10 @@ that does not fit (CUDA out-of-memory).
 
 Rollout mode (--rollout): what the rollout engine pays for LoRA. One process, the embedded model
 with LoRA r=16 on all projections (B random, so the update is not zero), RolloutEngine.generate of
-P prompts x G samples x N tokens (EOS ignored), timed alternately round after round: "unmerged" (as
-shipped: base + s (x A^T) B^T per call, on the CPU over the packed base weights), "merged buffer"
-(the alternative: W + s B A written into a second, plain model's weights, reused every rollout,
-merge time included), and "adapters off" (the base model alone: the floor). Medians.
+P prompts x G samples x N tokens (EOS ignored), timed alternately round after round: "as shipped"
+(fp32 on CPU: W + s B A merged into the packed per-rollout weight copies, merge time included),
+"unmerged" (base packed weights + s (x A^T) B^T per call, what bf16 and CUDA run), "adapters off"
+(the base model alone: the floor). Medians.
 """
 
 from __future__ import annotations
@@ -263,52 +263,50 @@ def grow(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
+    import functools
+    import random
     import statistics
 
     import torch
 
     import rlvr_fast
+    import rlvr_fast.model.llama as llama_mod
     from common import markdown_table
     from rlvr_fast.checkpoint.default_model import default_model_dir
-    from rlvr_fast.model.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules, merged_state_dict
+    from rlvr_fast.model.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
     from rlvr_fast.tasks.multiply import MultiplyTask
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=dtype)
-    buffer, _ = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=dtype)
     apply_lora(model, LoRAConfig(rank=16, alpha=32.0))
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for _, m in lora_modules(model):
             m.lora_B.weight.normal_(0, 1e-3, generator=gen)
-    problems = MultiplyTask(digits=(1, 1), curriculum=False).sample(__import__("random").Random(0), args.prompts)
+    problems = MultiplyTask(digits=(1, 1), curriculum=False).sample(random.Random(0), args.prompts)
     prompts = [tok.encode(tok.apply_chat_template(p.messages, add_generation_prompt=True), add_special_tokens=False)
                for p in problems]
     params = rlvr_fast.SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
-    engines = {"unmerged": rlvr_fast.RolloutEngine(model, tok, num_blocks=256),
-               "merged buffer": rlvr_fast.RolloutEngine(buffer, tok, num_blocks=256)}
-    buffer_params = dict(buffer.named_parameters())
-
-    @torch.no_grad()
-    def merge_into_buffer() -> None:
-        for name, t in merged_state_dict(model).items():
-            if name in buffer_params:
-                buffer_params[name].copy_(t)
+    engine = rlvr_fast.RolloutEngine(model, tok, num_blocks=256)
+    shipped = llama_mod.PackedLinear
 
     def run(variant: str) -> float:
         t0 = time.perf_counter()
-        if variant == "merged buffer":
-            merge_into_buffer()
-        if variant == "adapters off":
-            with lora_disabled(model):
-                engines["unmerged"].generate(prompts, params, n=args.group)
-        else:
-            engines[variant].generate(prompts, params, n=args.group)
+        if variant == "unmerged":  # the bf16 policy, forced: adapters added per call
+            llama_mod.PackedLinear = functools.partial(shipped, merge_fp32_adapters=False)
+        try:
+            if variant == "adapters off":
+                with lora_disabled(model):
+                    engine.generate(prompts, params, n=args.group)
+            else:
+                engine.generate(prompts, params, n=args.group)
+        finally:
+            llama_mod.PackedLinear = shipped
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    variants = ["unmerged", "merged buffer", "adapters off"]
+    variants = ["as shipped", "unmerged", "adapters off"]
     for v in variants:
         run(v)  # warm-up
     times = {v: [] for v in variants}
@@ -316,21 +314,19 @@ def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
         for v in variants:
             times[v].append(run(v))
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    merge_into_buffer()
-    merge_s = time.perf_counter() - t0
     tokens = args.prompts * args.group * args.new_tokens
     floor = statistics.median(times["adapters off"])
     rows = [[v, f"{statistics.median(times[v]):.2f}", f"{tokens / statistics.median(times[v]):.0f}",
              f"{statistics.median(times[v]) / floor:.2f}x", str([round(t, 2) for t in times[v]])] for v in variants]
-    targets = sum(m.weight.numel() for _, m in lora_modules(model))
-    body = (f"RolloutEngine.generate with LoRA (rank 16, all seven projections), SmolLM2-135M-Instruct, {args.dtype}, "
-            f"{args.device} ({torch.get_num_threads()} threads), {args.prompts} prompts x {args.group} samples x "
-            f"{args.new_tokens} tokens (EOS ignored), medians of {args.reps} alternating rounds. The merged buffer "
-            f"holds a second copy of the {targets / 1e6:.0f} M adapted weights ({targets * dtype.itemsize / 1e9:.2f} GB) "
-            f"for the whole run; one merge takes {merge_s * 1e3:.0f} ms (included in its times).\n\n"
+    shipped_desc = ("fp32 on CPU: each adapter merged into the rollout's packed weight copies when they are built"
+                    if device.type == "cpu" and dtype == torch.float32 else "unmerged (bf16 or CUDA)")
+    body = (f"RolloutEngine.generate with LoRA (rank 16, all seven projections, B random), SmolLM2-135M-Instruct, "
+            f"{args.dtype}, {args.device} ({torch.get_num_threads()} threads), {args.prompts} prompts x {args.group} "
+            f"samples x {args.new_tokens} tokens (EOS ignored), medians of {args.reps} alternating rounds. 'as shipped' "
+            f"= {shipped_desc}; 'unmerged' = base packed weights plus s (x A^T) B^T per call; 'adapters off' = the base "
+            f"model alone (the floor).\n\n"
             + markdown_table(["variant", "s per rollout", "tokens/s", "vs adapters off", "rounds s"], rows))
-    return f"LoRA rollout: unmerged vs merged into a reused buffer ({args.device})", body, (
+    return f"LoRA rollout: adapters merged into the packed weights vs unmerged ({args.device})", body, (
         "timed alternately in one process after one warm-up each; shared machine, so the ratios matter more "
         "than the absolute times")
 
@@ -345,7 +341,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 (compare), 64 (grow)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compare mode precision")
-    ap.add_argument("--rollout", action="store_true", help="time LoRA rollouts: unmerged vs merged buffer vs base")
+    ap.add_argument("--rollout", action="store_true", help="time LoRA rollouts: merged into packed copies vs unmerged vs base")
     ap.add_argument("--reps", type=int, default=3, help="rollout mode: alternating rounds")
     ap.add_argument("--no-append", action="store_true", help="print the section only")
     ap.add_argument("--child-variant", help=argparse.SUPPRESS)

@@ -107,19 +107,26 @@ def test_lora_forward_equals_merged_weights(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_rollout_projections_add_the_adapters(dtype):
+@pytest.mark.parametrize("merge", [True, False])
+def test_packed_rollout_projections_add_the_adapters(dtype, merge):
+    """fp32: merged into the packed copy (or, merge off, added per call like bf16); the copy follows the
+    adapters' state when it is built."""
     model = tiny_model(dtype)
     apply_lora(model, LoRAConfig(rank=4, alpha=8))
     randomize_adapters(model)
     attn = model.model.layers[1].self_attn
     x = torch.randn(5, model.config.hidden_size).to(dtype)
+    targets = (attn.q_proj, attn.k_proj, attn.v_proj)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     with torch.no_grad():
-        packed = PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-        for got, m in zip(packed(x), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        packed = PackedLinear(list(targets), merge_fp32_adapters=merge)
+        assert all(a is None for a in packed.adapters) == (merge and dtype == torch.float32)
+        for got, m in zip(packed(x), targets):
             torch.testing.assert_close(got, m(x), **tol)
+            assert not torch.allclose(got, torch.nn.functional.linear(x, m.weight), **tol)
         with lora_disabled(model):
-            for got, m in zip(packed(x), (attn.q_proj, attn.k_proj, attn.v_proj)):
+            packed = PackedLinear(list(targets), merge_fp32_adapters=merge)
+            for got, m in zip(packed(x), targets):
                 torch.testing.assert_close(got, torch.nn.functional.linear(x, m.weight), **tol)
 
 
@@ -236,7 +243,7 @@ def test_lora_training_run_without_reference_copy(tiny, tmp_path, monkeypatch, c
     assert main(args(tiny, out, "--task", "digits-test", "--steps", "2", "--beta", "0.1", "--lora-rank", "4",
                      "--lora-alpha", "8", "--merge")) == 0
     printed = capsys.readouterr().out
-    assert "reference copy" in printed and "0 (LoRA: adapters off)" in printed
+    assert "reference copy" in printed and "none: LoRA, the reference is the model with adapters off" in printed
     # Reference log-probs: no copy, the trained model itself with every adapter switched off.
     assert seen and all(ref is None and same and not on for ref, same, _, on in seen)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -87,7 +87,7 @@ def estimate_memory(model: torch.nn.Module, *, beta: float, grad_checkpoint: boo
     if beta <= 0:
         ref, note = 0, "beta = 0: no KL term"
     elif lora:
-        ref, note = 0, "0 (LoRA: adapters off)"
+        ref, note = 0, "none: LoRA, the reference is the model with adapters off"
     else:
         ref, note = _nbytes(base), "frozen copy of the initial weights"
     return MemoryEstimate(

@@ -12,13 +12,16 @@ A and B, like the rest of the model's). B starts at zero, so a fresh adapter lea
 exactly unchanged, and with the adapters switched off the model *is* the base model: GRPO's KL
 reference needs no second copy of the weights.
 
-The update is always applied unmerged, x -> (x A^T) B^T beside the base matmul, in training, in
-reference passes and in the rollout engine (the CPU rollout's fused, pre-packed base weights get the
-low-rank terms added per call, packed.py). Merging W + s B A into a per-rollout buffer was the
-alternative; it was not taken because with bf16 base weights the merged buffer would be rounded to
-bf16, whose resolution (about 4e-3 relative) is coarser than a few steps' worth of adapter update,
-so the rollout policy would lag the trained one (the reason precision.py keeps fp32 masters). The
-unmerged path costs two thin matmuls (r = 8..64 columns) per projection and token.
+The update is applied unmerged, x -> (x A^T) B^T beside the base matmul, in training, in
+reference passes and in the rollout engine on CUDA and with bf16 weights. Merging W + s B A into a
+weight buffer is not done there because with bf16 base weights the merged buffer would be rounded
+to bf16, whose resolution (about 4e-3 relative) is coarser than a few steps' worth of adapter
+update, so the rollout policy would lag the trained one (the reason precision.py keeps fp32
+masters); on CUDA a merged buffer would also be a second copy of every adapted weight. The
+exception is the CPU rollout with fp32 weights: it already builds fused, pre-packed copies of the
+projection weights for every rollout (packed.py), and merges the adapters into those copies
+(exact to fp32 rounding), because the per-call adapter matmuls were measured to slow its decode
+projections by about 1.5x (bench/bench_memory.py --rollout).
 
 Module names follow PEFT's (`q_proj.lora_A.weight`, `q_proj.lora_B.weight`), so adapters save in
 the layout PEFT loads (rlvr_fast/checkpoint/adapters.py).
