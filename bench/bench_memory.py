@@ -192,11 +192,11 @@ def compare(args: argparse.Namespace) -> tuple[str, str, str]:
     from common import markdown_table, ratio
 
     results = {}
-    for v in VARIANTS:
+    for v in args.variants.split(","):
         print(f"running {v} ...", file=sys.stderr, flush=True)
         results[v] = run_child(args, variant=v)
         print(f"  {v}: {results[v]}", file=sys.stderr, flush=True)
-    base = results["full fine-tuning"]
+    base = results.get("full fine-tuning", {})
     rows, notes = [], []
     for v, r in results.items():
         if "error" in r or "oom" in r:
@@ -262,6 +262,36 @@ def grow(args: argparse.Namespace) -> tuple[str, str, str]:
     return f"Largest Llama shape with LoRA, one GRPO step ({args.device})", body, method
 
 
+def _time_projections(model, rounds: int) -> dict[str, float]:
+    """Seconds per decode step of one layer's packed projections: adapters merged, unmerged, none."""
+    import statistics
+
+    import torch
+
+    from rlvr_fast.model.lora import lora_disabled
+    from rlvr_fast.model.packed import PackedLinear
+
+    layer = model.model.layers[len(model.model.layers) // 2]
+    a, m = layer.self_attn, layer.mlp
+    groups = [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    xs = [torch.randn(16, g[0].in_features, generator=gen, device=model.device).to(model.dtype) for g in groups]
+    with torch.no_grad():
+        packs = {"merged into packed copies": [PackedLinear(g) for g in groups],
+                 "unmerged": [PackedLinear(g, merge_fp32_adapters=False) for g in groups]}
+        with lora_disabled(model):
+            packs["adapters off"] = [PackedLinear(g) for g in groups]
+        times = {v: [] for v in packs}
+        for _ in range(rounds):
+            for v, ps in packs.items():
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    for p, x in zip(ps, xs):
+                        p(x)
+                times[v].append((time.perf_counter() - t0) / 20)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
 def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
     import functools
     import random
@@ -314,6 +344,7 @@ def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
         for v in variants:
             times[v].append(run(v))
             print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
+    proj = _time_projections(model, args.reps * 10)
     tokens = args.prompts * args.group * args.new_tokens
     floor = statistics.median(times["adapters off"])
     rows = [[v, f"{statistics.median(times[v]):.2f}", f"{tokens / statistics.median(times[v]):.0f}",
@@ -325,7 +356,12 @@ def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
             f"samples x {args.new_tokens} tokens (EOS ignored), medians of {args.reps} alternating rounds. 'as shipped' "
             f"= {shipped_desc}; 'unmerged' = base packed weights plus s (x A^T) B^T per call; 'adapters off' = the base "
             f"model alone (the floor).\n\n"
-            + markdown_table(["variant", "s per rollout", "tokens/s", "vs adapters off", "rounds s"], rows))
+            + markdown_table(["variant", "s per rollout", "tokens/s", "vs adapters off", "rounds s"], rows)
+            + f"\n\nThe projections alone (one decoder layer's packed q/k/v, o, gate/up, down on a decode batch of 16 "
+            f"rows, {args.reps * 10} alternating rounds of 20 calls, medians; less exposed to background load than whole "
+            f"rollouts):\n\n"
+            + markdown_table(["variant", "ms per layer and decode step", "vs adapters off"],
+                             [[v, f"{t * 1e3:.3f}", f"{t / proj['adapters off']:.2f}x"] for v, t in proj.items()]))
     return f"LoRA rollout: adapters merged into the packed weights vs unmerged ({args.device})", body, (
         "timed alternately in one process after one warm-up each; shared machine, so the ratios matter more "
         "than the absolute times")
@@ -337,6 +373,7 @@ def main() -> None:
     ap.add_argument("--grow", action=argparse.BooleanOptionalAction, default=None,
                     help="grow Llama shapes with LoRA until one does not fit (default: on for cuda, off for cpu)")
     ap.add_argument("--shapes", default=GPU_SHAPES, help=f"grow mode: comma-separated, from {', '.join(SHAPES)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"compare mode: comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 32 (compare), 64 (grow)")
