@@ -15,8 +15,8 @@ one; oneDNN's bf16 GEMM accumulates in fp32 like the plain bf16 path. Where thes
 LoRA adapters: with fp32 weights each adapter is merged into the packed copy when it is built
 (W + s B A, exact to fp32 rounding; the copy is rebuilt for every rollout, so it never goes stale):
 the decode steps then cost what the base model's do. Added per call instead, the two thin adapter
-matmuls per projection made the projections of a decode step about 1.5x slower here (batch 16,
-SmolLM2-135M, r = 16). With bf16 weights the adapters stay unmerged, their low-rank terms added to
+matmuls per projection took one layer's decode projections to 1.56x the base's time, merged 1.14x
+(batch 16, SmolLM2-135M, r = 16, a noisy shared CPU; bench/RESULTS.md). With bf16 weights the adapters stay unmerged, their low-rank terms added to
 their slices of the output per call: a merged copy would be rounded to bf16, losing the small
 adapter updates (lora.py). The packed copy reflects the adapters as they are when it is built.
 """
