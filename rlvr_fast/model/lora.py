@@ -21,8 +21,8 @@ masters); on CUDA a merged buffer would also be a second copy of every adapted w
 exception is the CPU rollout with fp32 weights: it already builds fused, pre-packed copies of the
 projection weights for every rollout (packed.py), and merges the adapters into those copies
 (exact to fp32 rounding, one B A product per adapter and rollout): measured on one decoder layer's
-projections at a decode batch of 16, the per-call adapter matmuls took 1.56x the base projections'
-time and the merged copies 1.14x (bench/RESULTS.md, bench_memory.py --rollout; one run on a shared
+projections at a decode batch of 16, the per-call adapter matmuls took 1.56x the time of the base
+projections and the merged copies 1.14x (bench/RESULTS.md, bench_memory.py --rollout; one run on a shared
 2-core CPU, where whole-rollout times were too noisy to resolve the difference).
 
 Module names follow PEFT's (`q_proj.lora_A.weight`, `q_proj.lora_B.weight`), so adapters save in
