@@ -189,8 +189,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def append_results(title: str, body: str, device: str, method: str | None = None) -> str:
-    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md; `method`
-    replaces the default method line (timing + MEMORY_METHOD[device])."""
+    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md.
+    method: how the figures were measured, when not by the interleaved timing above."""
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     section = (f"## {title}\n\n"

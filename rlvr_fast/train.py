@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlvr_fast.grpo import distributed
 from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.precision import pick_dtype
 
@@ -98,6 +99,22 @@ def pick_device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, given = _parse(argv)
+    cfg, output, resume_from = _run_dir(cfg, given)
+    # Under torchrun, join the other ranks (a rendezvous: every rank has checked the output directory before
+    # rank 0 writes to it); a plain start is a single process.
+    dist = distributed.init_distributed(cfg.dist_timeout, cfg.device, cfg.shard)
+    try:
+        return run(cfg, output, resume_from, dist)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and dist.fail(exc):
+            return 1  # another rank failed first; rank 0 printed which and why
+        raise
+    finally:
+        distributed.close(dist)
+
+
+def _run_dir(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path | None]:
+    """The run's options and output directory, and the checkpoint to resume from (--resume)."""
     resume_from = None
     if cfg.resume is not None:
         from rlvr_fast.grpo.trainer import find_resume_checkpoint
@@ -115,9 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         if output.exists() and any(output.iterdir()):
             raise SystemExit(f"error: output directory {output} already holds files (another run?). Continue it with "
                              f"--resume {output}, or choose a new --output.")
+    return cfg, output, resume_from
+
+
+def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distributed.Dist) -> int:
+    try:
+        dist.local_slice(cfg.prompts_per_step)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = distributed.device_for(dist, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
+    if dist.fsdp:  # FSDP2 keeps fp32 sharded weights and computes in --dtype (distributed.Dist.shard_model)
+        dist.compute_dtype, dtype = dtype, torch.float32
 
     import rlvr_fast
     from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError
@@ -137,20 +164,28 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = rlvr_fast.load_pretrained(weights, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
-    print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, {dtype}, "
-          f"{cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} completions, output {output}", flush=True)
-    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model)
+    if dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
+    ranks = f", {dist.world_size} ranks (shard {cfg.shard})" if dist.enabled else ""
+    dist.print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, "
+               f"{dist.compute_dtype or dtype}, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} "
+               f"completions{ranks}, output {output}")
+    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model, dist=dist)
     if resume_from is not None:
-        trainer.load(resume_from)
-        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
+        try:
+            trainer.load(resume_from)
+        except (ValueError, FileNotFoundError) as exc:  # e.g. sharded over another number of ranks
+            raise SystemExit(f"error: {exc}")
+        dist.print(f"resumed from {resume_from} at step {trainer.step}")
     try:
         trainer.fit()
     except KeyboardInterrupt:
         return 130
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not dist.enabled:
+            print(f"error: {exc}", file=sys.stderr)
+        dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)
         return 1
     return 0
 

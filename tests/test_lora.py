@@ -250,6 +250,7 @@ def test_lora_training_run_without_reference_copy(tiny, tmp_path, monkeypatch, c
     assert records[-1]["kl"] > 0 and records[-1]["peak_memory_gb"] > 0
     ckpt = out / "checkpoint-2"
     assert (ckpt / ADAPTER_FILE).is_file() and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(tiny.resolve())
     # The merged model = base + trained adapters.
     base, tok = rlvr_fast.load_pretrained(tiny)
     trained = load_adapters(rlvr_fast.load_pretrained(tiny)[0], ckpt)

@@ -40,7 +40,8 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def save_adapters(model: torch.nn.Module, path: str | Path, base_model: str | None = None,
                   tokenizer: Tokenizer | None = None) -> Path:
-    """Write the model's adapters (and the tokenizer files, if given) as a PEFT LoRA directory."""
+    """Write the model's adapters (and the tokenizer files, if given) as a PEFT LoRA directory;
+    base_model defaults to the model's LoRAConfig.base_model."""
     if not has_lora(model):
         raise ValueError("save_adapters: the model has no LoRA adapters (apply_lora first, or use save_pretrained)")
     cfg: LoRAConfig = model.lora_config
@@ -51,7 +52,7 @@ def save_adapters(model: torch.nn.Module, path: str | Path, base_model: str | No
         tensors = {PEFT_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or cfg.base_model,
             "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0, "bias": "none",
             "target_modules": [_HF_NAME[t] for t in cfg.targets], "fan_in_fan_out": False,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
@@ -89,7 +90,8 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
             raise CheckpointError(f"{file}: {key}={raw[key]!r} is not supported (only {key}={ok!r})")
     if raw.get("rank_pattern") or raw.get("alpha_pattern") or raw.get("layers_to_transform") is not None:
         raise CheckpointError(f"{file}: per-layer rank/alpha patterns and layer subsets are not supported")
-    return LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(short[t] for t in targets)), raw
+    return LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(short[t] for t in targets),
+                      base_model=raw.get("base_model_name_or_path")), raw
 
 
 @torch.no_grad()

@@ -26,13 +26,14 @@ MAX_SHARD_BYTES = 5 * 1024**3  # HF's default shard size
 
 
 def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None, path: str | Path,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write config.json, safetensors weights (sharded above max_shard_bytes) and tokenizer files."""
+                    max_shard_bytes: int = MAX_SHARD_BYTES, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json, safetensors weights (sharded above max_shard_bytes) and tokenizer files.
+    state_dict: the weights to write, if not model.state_dict() (e.g. gathered from FSDP shards)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write(model, tokenizer, tmp, max_shard_bytes)
+        _write(model, tokenizer, tmp, max_shard_bytes, state_dict)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -40,9 +41,11 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None, path: 
     return path
 
 
-def _write(model: LlamaForCausalLM, tokenizer: Tokenizer | None, out: Path, max_shard_bytes: int) -> None:
-    source = merged_state_dict(model) if has_lora(model) else model.state_dict()
-    state = {name: t.detach().to("cpu").contiguous() for name, t in source.items()}
+def _write(model: LlamaForCausalLM, tokenizer: Tokenizer | None, out: Path, max_shard_bytes: int,
+           state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    if state_dict is None:
+        state_dict = merged_state_dict(model) if has_lora(model) else model.state_dict()
+    state = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # one tensor on disk, as transformers writes tied weights
     shards = _split(state, max_shard_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,12 +25,18 @@ LATEST = "latest"
 
 
 def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2,
-                    base_model: str | None = None) -> Path:
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    before_state: Callable[[Path], None] | None = None) -> Path:
+    """model_state: the weights to write when not model.state_dict() (FSDP: gathered from the ranks);
+    before_state(path): runs once the weights are in place, before the trainer state (FSDP: the
+    ranks write their optimizer shards)."""
     path = output / f"checkpoint-{step}"
     if has_lora(model):  # the frozen base is --model itself: only the adapters change
-        save_adapters(model, path, base_model, tokenizer)
+        save_adapters(model, path, tokenizer=tokenizer)
     else:
-        save_pretrained(model, tokenizer, path)  # atomic on its own
+        save_pretrained(model, tokenizer, path, state_dict=model_state)  # atomic on its own
+    if before_state is not None:
+        before_state(path)
     tmp_state = path / (STATE_FILE + ".tmp")
     torch.save(state, tmp_state)
     os.replace(tmp_state, path / STATE_FILE)
@@ -51,6 +57,20 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def save_rank_state(checkpoint: Path, rank: int, state: dict[str, Any]) -> None:
+    """One rank's part of a sharded trainer state (FSDP: its optimizer shard)."""
+    tmp = checkpoint / f"rank-{rank}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, checkpoint / f"rank-{rank}.pt")
+
+
+def load_rank_state(checkpoint: Path, rank: int) -> dict[str, Any]:
+    path = checkpoint / f"rank-{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this checkpoint's trainer state is sharded, one file per rank")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _prune(output: Path, keep: int, current: Path) -> None:

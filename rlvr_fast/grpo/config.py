@@ -21,6 +21,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 RATIO_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULES = ("constant", "cosine", "linear")
+SHARDS = ("none", "fsdp")
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -78,6 +79,9 @@ class TrainConfig:
                      "float32, bfloat16 (bf16 trains fp32 master weights)", choices=("auto", "float32", "bfloat16"))
     device: str = opt("auto", "auto, cpu, cuda, cuda:N")
     seed: int = opt(0, "seed for data, sampling and initialisation")
+    shard: str = opt("none", "with torchrun: none (every rank holds the whole model, data parallel) or fsdp "
+                     "(FSDP2 shards parameters, gradients and optimizer states)", choices=SHARDS)
+    dist_timeout: int = opt(300, "with torchrun: seconds a collective waits for the other ranks before the run stops")
     # evaluation and output
     eval_every: int = opt(10, "evaluate every N steps (0 = only before and after)")
     eval_size: int = opt(32, "held-out problems per evaluation")
@@ -90,7 +94,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                    "micro_batch_tokens", "eval_size", "max_bad_steps")
+                    "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

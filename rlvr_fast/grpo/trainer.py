@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -33,11 +34,12 @@ from rlvr_fast.checkpoint import save_pretrained
 from rlvr_fast.checkpoint.adapters import load_adapters
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
-from rlvr_fast.grpo.checkpointing import latest_checkpoint, load_state, save_checkpoint
+from rlvr_fast.grpo.checkpointing import latest_checkpoint
 from rlvr_fast.grpo.config import TrainConfig
+from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
-from rlvr_fast.grpo.report import JsonlWriter, format_duration, progress_line, write_plot
+from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
@@ -64,19 +66,27 @@ class Rollout:
 
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, model, tokenizer, task, output: Path, device: torch.device,
-                 ref_model=None, engine: RolloutEngine | None = None):
+                 ref_model=None, engine: RolloutEngine | None = None, dist: Dist | None = None):
         self.cfg, self.model, self.tokenizer, self.task, self.output, self.device = cfg, model, tokenizer, task, output, device
+        self.dist = dist or Dist()  # several ranks: see distributed.py for what is split and what is shared
         if cfg.lora() is not None and not has_lora(model):
-            apply_lora(model, cfg.lora(), cfg.seed)  # base frozen; only the adapters train
+            if self.dist.fsdp:
+                raise ValueError("--lora-rank with --shard fsdp is not supported: train LoRA with --shard none "
+                                 "(the adapters are small; each rank holds the frozen base)")
+            lora = dataclasses.replace(cfg.lora(), base_model=self.base_model_path())
+            apply_lora(model, lora, cfg.seed)  # base frozen; only the adapters train
         self.ref_model = None
         if cfg.beta > 0 and not has_lora(model):  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
+        self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
         model.gradient_checkpointing = cfg.grad_checkpoint
-        self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks())
+        # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
+        self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
+                                              use_cuda_graphs=not self.dist.fsdp)
         self.memory_estimate = estimate_memory(
             model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint, micro_batch_tokens=cfg.micro_batch_tokens,
             kv_cache_bytes=self.engine.num_blocks * kv_bytes_per_block(model, self.engine.block_size))
-        print(self.memory_estimate.table(), flush=True)
+        self.dist.print(self.memory_estimate.table())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
         self.optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
@@ -84,9 +94,9 @@ class GRPOTrainer:
         self.step = 0
         self.bad_steps = 0
         self.reward_error_shown = False
-        self.metrics = JsonlWriter(output / "metrics.jsonl")
-        self.samples = JsonlWriter(output / "samples.jsonl")
-        self.evals = JsonlWriter(output / "eval.jsonl")
+        self.metrics = self.dist.writer(output / "metrics.jsonl")  # rank 0 writes, the others do not
+        self.samples = self.dist.writer(output / "samples.jsonl")
+        self.evals = self.dist.writer(output / "eval.jsonl")
 
     def _cache_blocks(self, block_size: int = 16) -> int:
         """KV blocks for one step's rollout (or one evaluation) at once, with a margin: the pool is
@@ -94,7 +104,8 @@ class GRPOTrainer:
         prompts than estimated only cost preemption (recompute), never correctness."""
         cfg = self.cfg
         prompt_len = max(len(self.encode_prompt(p)) for p in self.task.eval_problems()[:8]) + 32
-        sequences = max(cfg.prompts_per_step * cfg.group_size, cfg.eval_size)
+        n = self.dist.world_size  # each rank generates its share
+        sequences = max(cfg.prompts_per_step // n * cfg.group_size, -(-cfg.eval_size // n))
         return int(1.25 * sequences * (-(-(prompt_len + cfg.max_new_tokens) // block_size) + 1))
 
     # ---- schedule -------------------------------------------------------------------------
@@ -131,12 +142,12 @@ class GRPOTrainer:
                           traceback.format_exc())
             return {}, True
 
-    def rollout(self, problems: list[Problem], params: SamplingParams, n: int) -> Rollout:
+    def rollout(self, problems: list[Problem], params: SamplingParams, n: int, first_prompt_index: int = 0) -> Rollout:
         start = time.perf_counter()
         prompt_ids = [self.encode_prompt(p) for p in problems]
         self.model.eval()
-        with torch.no_grad():
-            completions = self.engine.generate(prompt_ids, params, n=n)
+        with torch.no_grad(), self.dist.full_weights(self.model):  # FSDP: gathered for the rollout, freed after
+            completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index)
         components, errors = [], 0
         for problem, group in zip(problems, completions):
             row = []
@@ -166,7 +177,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def token_logprobs(self, model, micro_batches: list[MicroBatch], total: int) -> torch.Tensor:
         """Per-token log-probs [num_samples, T_max] of the step's completions under `model`."""
-        t_max = max(mb.targets.shape[1] for mb in micro_batches)
+        t_max = max((mb.targets.shape[1] for mb in micro_batches), default=1)  # a rank may have no samples
         out = torch.zeros(total, t_max, device=self.device)
         for mb in micro_batches:
             hidden = self._hidden(model, mb)
@@ -175,11 +186,12 @@ class GRPOTrainer:
                                        temperature=self.cfg.temperature).view(b, t)
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             out[rows, :t] = lp * mb.mask
+        self.dist.even_passes(model, len(micro_batches), train=False)
         return out
 
     def rollout_logprobs(self, samples: list[Sample], micro_batches: list[MicroBatch]) -> torch.Tensor:
         """The sampler's log-probs of the completion tokens, laid out like token_logprobs' [num_samples, T_max]."""
-        t_max = max(mb.targets.shape[1] for mb in micro_batches)
+        t_max = max((mb.targets.shape[1] for mb in micro_batches), default=1)  # a rank may have no samples
         out = torch.zeros(len(samples), t_max)
         for s in samples:
             out[s.index, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
@@ -222,13 +234,17 @@ class GRPOTrainer:
             # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
             gap = ((logp.detach() - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
             sums["rollout_gap"] += float(gap) * token_share
+        self.dist.even_passes(self.model, len(micro_batches), train=True)
+        self.master.grads_to_master()
+        self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
+        sums = dict(zip(sums, self.dist.all_reduce_sum(list(sums.values()))))
         for key, on in (("tis_weight", cfg.tis_cap is not None), ("tis_capped", cfg.tis_cap is not None),
                         ("entropy_train", cfg.entropy_coef != 0)):
             if not on:
-                sums[key] = None
-        self.master.grads_to_master()
+                sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -245,15 +261,18 @@ class GRPOTrainer:
         cfg = self.cfg
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
+        self.dist.step = self.step
         level = getattr(self.task, "current_digits", None)
-        problems = self.task.sample(self.rng, cfg.prompts_per_step)
+        problems = self.task.sample(self.rng, cfg.prompts_per_step)  # the same P problems on every rank
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                 seed=cfg.seed * 1_000_003 + self.step)
-        ro = self.rollout(problems, params, cfg.group_size)
+        mine = self.dist.local_slice(len(problems))  # this rank's groups
+        ro = self.rollout(problems[mine], params, cfg.group_size, first_prompt_index=mine.start)
+        ro = gather_rollout(self.dist, ro)  # all groups: advantages and metrics are those of the global batch
         adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
 
         samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i, rollout_logprobs=c.logprobs)
-                   for i, group in enumerate(ro.completions) if not zero_std[i] for j, c in enumerate(group)]
+                   for i in range(mine.start, mine.stop) if not zero_std[i] for j, c in enumerate(ro.completions[i])]
         for k, s in enumerate(samples):
             s.index = k
         micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
@@ -263,8 +282,10 @@ class GRPOTrainer:
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
         rollout_gap = None
-        if samples:
-            num_tokens = sum(mb.num_tokens for mb in micro_batches)
+        self.dist.plan_passes(len(micro_batches))
+        local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
+        num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))  # the loss weights are global
+        if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
             old_lp = None
@@ -274,7 +295,7 @@ class GRPOTrainer:
             t_ref = time.perf_counter() - t1
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
             for i in range(cfg.num_iterations):
-                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, len(samples), num_tokens)
+                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens)
                 if i == 0:
                     rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
             t_update = time.perf_counter() - t1 - t_ref
@@ -285,7 +306,7 @@ class GRPOTrainer:
         lengths = [len(c.token_ids) for group in ro.completions for c in group]
         gen_tokens = sum(lengths)
         sampled_lp = [lp for group in ro.completions for c in group for lp in c.logprobs]
-        train_tokens = sum(mb.num_tokens for mb in micro_batches) * cfg.num_iterations  # completion tokens
+        train_tokens = num_tokens * cfg.num_iterations  # completion tokens
         names = sorted({k for row in ro.components for c in row for k in c})
         m = {
             "step": self.step,
@@ -307,7 +328,7 @@ class GRPOTrainer:
             "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
             "lr": self.lr_at(self.step - 1),
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
-            "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if samples else 0.0,
+            "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
             "step_time_s": time.perf_counter() - t0,
             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
@@ -331,7 +352,8 @@ class GRPOTrainer:
 
     def evaluate(self, problems: list[Problem], label: str) -> dict[str, Any]:
         params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
-        ro = self.rollout(problems, params, 1)
+        mine = self.dist.local_slice(len(problems), exact=False)
+        ro = gather_rollout(self.dist, self.rollout(problems[mine], params, 1, first_prompt_index=mine.start))
         comps = [row[0] for row in ro.components]
         result = {"step": self.step, "set": label, "size": len(problems),
                   "accuracy": sum(c.get("correct", 0.0) for c in comps) / len(comps),
@@ -350,9 +372,10 @@ class GRPOTrainer:
     def run_evals(self) -> list[dict[str, Any]]:
         results = [self.evaluate(problems, label) for label, problems in self.eval_sets()]
         for r in results:
-            print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
-                  f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}", flush=True)
-        write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
+            self.dist.print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
+                            f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
+        if self.dist.is_main:
+            write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
         return results
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -364,8 +387,8 @@ class GRPOTrainer:
                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
 
     def save(self) -> Path:
-        path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict(),
-                               base_model=self.base_model_path())
+        # One process or rank 0 writes it (several ranks: their model and state are gathered or identical).
+        path = self.dist.save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict())
         log.info("checkpoint written: %s", path)
         return path
 
@@ -378,7 +401,7 @@ class GRPOTrainer:
     def load(self, checkpoint: Path) -> None:
         """Continue from a checkpoint: trainer state, and with LoRA the adapters (the model passed in
         holds the checkpoint's weights otherwise)."""
-        state = load_state(checkpoint)
+        state = self.dist.load_state(checkpoint)
         if has_lora(self.model):
             load_adapters(self.model, checkpoint)
         self.step = state["step"]
@@ -390,7 +413,7 @@ class GRPOTrainer:
         if state["task"] is not None:
             self.task.load_state_dict(state["task"])
         for writer in (self.metrics, self.samples, self.evals):
-            JsonlWriter(writer.path, truncate_after_step=self.step)
+            self.dist.writer(writer.path, truncate_after_step=self.step)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -403,24 +426,26 @@ class GRPOTrainer:
                 m = self.train_step()
                 done = self.step - first_step
                 eta = (time.perf_counter() - start) / done * (cfg.steps - self.step)
-                print(progress_line(m, cfg.steps, eta), flush=True)
+                self.dist.print(progress_line(m, cfg.steps, eta))
                 if m.get("promoted"):
-                    print(f"curriculum: moving up to {self.task.current_digits[0]} x {self.task.current_digits[1]} digits", flush=True)
+                    a, b = self.task.current_digits
+                    self.dist.print(f"curriculum: moving up to {a} x {b} digits")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
         except KeyboardInterrupt:
-            print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})", flush=True)
+            self.dist.print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
             self.save()
             raise
         after = self.run_evals()
         self.save()
-        if cfg.merge:
+        if cfg.merge and self.dist.is_main:
             merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")
-            print(f"merged model (base + adapters, HF layout) written to {merged}", flush=True)
+            self.dist.print(f"merged model (base + adapters, HF layout) written to {merged}")
         summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
-        print_summary(summary)
+        if self.dist.is_main:
+            print_summary(summary)
         return summary
 
 

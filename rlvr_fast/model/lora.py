@@ -56,6 +56,8 @@ class LoRAConfig:
     """The update is scaled by alpha / rank."""
     targets: tuple[str, ...] = ALL_TARGETS
     """Which projections of every decoder layer get an adapter (keys of TARGET_MODULES)."""
+    base_model: str | None = None
+    """Where the frozen base weights come from (adapter_config.json's base_model_name_or_path)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:

@@ -132,8 +132,12 @@ class RolloutEngine:
     # ------------------------------------------------------------------ generate
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,
-                 n: int = 1) -> list[list[Completion]]:
+                 n: int = 1, first_prompt_index: int = 0) -> list[list[Completion]]:
         """n completions for each prompt: result[i][j] is sample j of prompts[i].
+
+        Sampling is keyed on (seed, first_prompt_index + i, j, step): a caller that generates a
+        slice of a larger prompt list (one rank of several) passes the slice's start to draw the
+        completions the whole list would get.
 
         A prompt is a list of token ids (used as is: the trainer passes chat-templated ids encoded
         without extra special tokens) or a string (encoded with add_special_tokens=True, i.e. with the
@@ -155,7 +159,7 @@ class RolloutEngine:
         scheduler = Scheduler(bm, self.max_batch_size, self.max_prefill_tokens)
         groups: list[list[Sequence]] = []
         for i, ids in enumerate(prompt_ids):
-            group = [Sequence(self._next_seq_id + j, i, j, ids, seed) for j in range(n)]
+            group = [Sequence(self._next_seq_id + j, first_prompt_index + i, j, ids, seed) for j in range(n)]
             self._next_seq_id += n
             groups.append(group)
             # A group larger than the batch goes in as several groups (each prefills the prompt).

@@ -1,0 +1,75 @@
+"""What tests/test_distributed.py launches on every rank: `torchrun ... -m tests.dist_launch ARGS`.
+
+A task registered in the test process is unknown to the processes torchrun starts, so this module
+registers the test tasks in each rank's process, then runs the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+from rlvr_fast.tasks import Problem, register_task
+from rlvr_fast.train import main
+from tests.test_train import DigitsTask  # registers digits-test
+
+
+class FailingRankTask(DigitsTask):
+    """digits-test, except that rank 1 raises (or hangs) when it draws the problems of step 2."""
+
+    def __init__(self, hang: bool = False):
+        super().__init__()
+        self.hang, self.draws = hang, 0
+
+    def eval_problems(self) -> list[Problem]:
+        return DigitsTask.sample(self, random.Random(7), 3)
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        self.draws += 1
+        if self.draws == 2 and os.environ.get("RANK") == "1":
+            if self.hang:
+                time.sleep(600)
+            raise RuntimeError("injected failure")
+        return super().sample(rng, n)
+
+
+class UnevenTask(DigitsTask):
+    """digits-test, except that some groups score all alike (no signal, not trained), so that with 4 prompts on
+    2 ranks the ranks train unequal numbers of micro-batches: step 1 leaves rank 1 nothing to train, step 2
+    gives rank 0 one group and rank 1 two."""
+
+    FLAT = {1: {2, 3}, 2: {0}}
+
+    def __init__(self):
+        super().__init__()
+        self.draws = 0
+
+    def eval_problems(self) -> list[Problem]:
+        return DigitsTask.sample(self, random.Random(7), 3)
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        self.draws += 1
+        problems = super().sample(rng, n)
+        for i in self.FLAT.get(self.draws, ()):
+            problems[i].meta["flat"] = True
+        return problems
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        scores = super().score(problem, completion)
+        return {k: 0.5 for k in scores} if problem.meta.get("flat") else scores
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = state["draws"]
+
+
+register_task("digits-uneven", lambda cfg: UnevenTask())
+register_task("fail-on-rank-1", lambda cfg: FailingRankTask())
+register_task("hang-on-rank-1", lambda cfg: FailingRankTask(hang=True))
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
