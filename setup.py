@@ -173,7 +173,7 @@ setup(
         "gguf>=0.10",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45"],
+        "dev": ["pytest", "transformers>=4.45", "peft>=0.10"],
         "flash": ["flash-attn>=2.6"],
         "bench": ["transformers>=4.45", "liger-kernel", "trl"],
     },

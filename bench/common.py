@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from rlvr_fast.grpo.memory import status_kib as _status_kib
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MEMORY_METHOD = {
     "cuda": "peak extra memory = torch.cuda.max_memory_allocated() during one call minus allocated before it",
@@ -57,14 +59,6 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 1, reps: int = 
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def peak_extra_memory(fn: Callable[[], object], device: str) -> int:

@@ -163,10 +163,13 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         raise SystemExit(f"error: {exc}")
     try:
         # A resumed run trains the checkpoint's weights; the initial model is loaded only as the reference.
+        # With LoRA the base model is --model itself (frozen, and the reference): the trainer adds
+        # the adapters and, on resume, loads them from the checkpoint.
         ref_model = None
-        if resume_from is not None and cfg.beta > 0:
+        if resume_from is not None and cfg.beta > 0 and not cfg.lora_rank:
             ref_model, _ = rlvr_fast.load_pretrained(cfg.model, device=device, dtype=dtype)
-        model, tokenizer = rlvr_fast.load_pretrained(resume_from or cfg.model, device=device, dtype=dtype)
+        weights = cfg.model if cfg.lora_rank else (resume_from or cfg.model)
+        model, tokenizer = rlvr_fast.load_pretrained(weights, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
     if dist.is_main:

@@ -2,7 +2,8 @@
 
 The directory is written next to its destination under a temporary name and renamed into
 place at the end, so a run killed while saving never leaves a half-written checkpoint that looks
-complete: `path` holds either the old checkpoint or the new one.
+complete: `path` holds either the old checkpoint or the new one. A model with LoRA adapters is
+saved merged (W + s B A in the weights' dtype): a plain Llama checkpoint. Adapters alone: adapters.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from rlvr_fast.checkpoint.load import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from rlvr_fast.model.llama import LlamaForCausalLM
+from rlvr_fast.model.lora import has_lora, merged_state_dict
 from rlvr_fast.tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3  # HF's default shard size
@@ -41,7 +43,8 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: Tokenizer | None, path: 
 
 def _write(model: LlamaForCausalLM, tokenizer: Tokenizer | None, out: Path, max_shard_bytes: int,
            state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    state_dict = model.state_dict() if state_dict is None else state_dict
+    if state_dict is None:
+        state_dict = merged_state_dict(model) if has_lora(model) else model.state_dict()
     state = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # one tensor on disk, as transformers writes tied weights

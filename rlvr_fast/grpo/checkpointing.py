@@ -1,7 +1,7 @@
 """Checkpoints of a run: HF-layout weights plus the trainer state needed to continue bit for bit.
 
 OUTPUT/checkpoint-STEP/ holds the model (config.json, safetensors, tokenizer files: loadable by
-transformers and by --model) and trainer_state.pt (optimizer, schedule, RNG states, step, task
+transformers and by --model; with LoRA: the adapters alone, in PEFT's layout) and trainer_state.pt (optimizer, schedule, RNG states, step, task
 state such as the curriculum level and the data position). Each checkpoint is written under a
 temporary name and renamed into place, then OUTPUT/latest is replaced atomically; a run killed at
 any moment leaves the previous checkpoint intact and pointed to.
@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 
 from rlvr_fast.checkpoint import save_pretrained
+from rlvr_fast.checkpoint.adapters import save_adapters
+from rlvr_fast.model.lora import has_lora
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
@@ -29,7 +31,10 @@ def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, 
     before_state(path): runs once the weights are in place, before the trainer state (FSDP: the
     ranks write their optimizer shards)."""
     path = output / f"checkpoint-{step}"
-    save_pretrained(model, tokenizer, path, state_dict=model_state)  # atomic on its own
+    if has_lora(model):  # the frozen base is --model itself: only the adapters change
+        save_adapters(model, path, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, tokenizer, path, state_dict=model_state)  # atomic on its own
     if before_state is not None:
         before_state(path)
     tmp_state = path / (STATE_FILE + ".tmp")

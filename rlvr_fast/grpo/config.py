@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from rlvr_fast.model.lora import LoRAConfig
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 RATIO_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -73,6 +75,12 @@ class TrainConfig:
                                     "that one copy (exact; fewer tokens)")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
+    # LoRA (rlvr_fast/model/lora.py)
+    lora_rank: int = opt(0, "train LoRA adapters of this rank on --lora-targets, base weights frozen; the KL "
+                            "reference is the model with adapters off, no copy (0 = full fine-tuning)")
+    lora_alpha: float = opt(32.0, "LoRA: the low-rank update is scaled by alpha / rank")
+    lora_targets: str = opt("q,k,v,o,gate,up,down", "LoRA: decoder projections that get adapters (comma-separated)")
+    merge: bool = opt(False, "LoRA: also write the merged model (HF layout) to OUTPUT/merged at the end")
     # machine
     dtype: str = opt("auto", "weights dtype: auto (bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32), "
                      "float32, bfloat16 (bf16 trains fp32 master weights)", choices=("auto", "float32", "bfloat16"))
@@ -127,6 +135,18 @@ class TrainConfig:
         if isinstance(self.reward, str):  # a config file may give one reward as a plain string
             self.reward = (self.reward,)
         self.reward = tuple(self.reward or ())
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if self.lora_rank:
+            self.lora()  # checks alpha and targets
+        elif self.merge:
+            raise ValueError("--merge needs LoRA (--lora-rank R): full fine-tuning checkpoints are already merged models")
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings, or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=LoRAConfig.parse_targets(self.lora_targets))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -16,7 +16,9 @@ The rounding draws from a generator seeded by (seed, step), so runs and resumes 
     weights bf16 | gradients bf16 (cast to fp32 for clipping and the step) | master weights and
     AdamW moments fp32
 
-With fp32 weights the masters are the parameters themselves: no copy, no extra work.
+With fp32 weights the masters are the parameters themselves: no copy, no extra work. With LoRA
+(model/lora.py) only the adapters are trainable and they are fp32, so they too are their own
+masters: the bf16 base is frozen and never rounded into.
 """
 
 from __future__ import annotations

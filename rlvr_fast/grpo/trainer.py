@@ -5,8 +5,9 @@
 2. Score every completion with the task's rule (components kept apart, e.g. correct / format).
 3. Advantages within each group; groups whose rewards are all equal carry no signal and are
    dropped before any training compute is spent on them.
-4. Reference log-probs (beta > 0) from a frozen copy of the initial weights, and old log-probs
-   (num_iterations > 1), both under no_grad with the fused kernels.
+4. Reference log-probs (beta > 0) from a frozen copy of the initial weights (with LoRA: the same
+   model with its adapters switched off, no copy), and old log-probs (num_iterations > 1), both
+   under no_grad with the fused kernels.
 5. Policy update: packed micro-batches under a token budget, each group's prompt fed once for
    all its completions (batching.py), `fused_linear_grpo_loss` on the hidden states (the
    [tokens, vocab] logits never exist), gradient accumulation weighted so the result equals one
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -28,15 +30,20 @@ from typing import Any
 
 import torch
 
+from rlvr_fast.checkpoint import save_pretrained
+from rlvr_fast.checkpoint.adapters import load_adapters
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
 from rlvr_fast.grpo.checkpointing import latest_checkpoint
 from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
+from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
+from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
+from rlvr_fast.rollout.model_runner import kv_bytes_per_block
 from rlvr_fast.tasks.base import Problem, total_reward
 from rlvr_fast.tasks.pool import RewardPool
 
@@ -64,14 +71,24 @@ class GRPOTrainer:
                  ref_model=None, engine: RolloutEngine | None = None, dist: Dist | None = None):
         self.cfg, self.model, self.tokenizer, self.task, self.output, self.device = cfg, model, tokenizer, task, output, device
         self.dist = dist or Dist()  # several ranks: see distributed.py for what is split and what is shared
+        if cfg.lora() is not None and not has_lora(model):
+            if self.dist.fsdp:
+                raise ValueError("--lora-rank with --shard fsdp is not supported: train LoRA with --shard none "
+                                 "(the adapters are small; each rank holds the frozen base)")
+            lora = dataclasses.replace(cfg.lora(), base_model=self.base_model_path())
+            apply_lora(model, lora, cfg.seed)  # base frozen; only the adapters train
         self.ref_model = None
-        if cfg.beta > 0:  # frozen initial weights; a resumed run passes them in, loaded from --model
+        if cfg.beta > 0 and not has_lora(model):  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
         model.gradient_checkpointing = cfg.grad_checkpoint
         # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
                                               use_cuda_graphs=not self.dist.fsdp)
+        self.memory_estimate = estimate_memory(
+            model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint, micro_batch_tokens=cfg.micro_batch_tokens,
+            kv_cache_bytes=self.engine.num_blocks * kv_bytes_per_block(model, self.engine.block_size))
+        self.dist.print(self.memory_estimate.table())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
         self.optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.lr,
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
@@ -163,6 +180,15 @@ class GRPOTrainer:
         hidden = model.forward_packed(mb.input_ids, mb.packed_batch())
         return mb.gather(hidden)  # [B, T, H]
 
+    def reference_logprobs(self, micro_batches: list[MicroBatch], total: int) -> torch.Tensor | None:
+        """Log-probs under the KL reference: the frozen copy, or with LoRA the model with adapters off."""
+        if self.cfg.beta <= 0:
+            return None
+        if self.ref_model is not None:
+            return self.token_logprobs(self.ref_model, micro_batches, total)
+        with lora_disabled(self.model):
+            return self.token_logprobs(self.model, micro_batches, total)
+
     @torch.no_grad()
     def token_logprobs(self, model, micro_batches: list[MicroBatch], total: int) -> torch.Tensor:
         """Per-token log-probs [num_samples, T_max] of the step's completions under `model`."""
@@ -248,6 +274,7 @@ class GRPOTrainer:
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
+        reset_peak_memory(self.device)
         t0 = time.perf_counter()
         self.dist.step = self.step
         level = getattr(self.task, "current_digits", None)
@@ -275,7 +302,7 @@ class GRPOTrainer:
         num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))  # the loss weights are global
         if num_samples:
             t1 = time.perf_counter()
-            ref_lp = self.token_logprobs(self.ref_model, micro_batches, len(samples)) if self.ref_model is not None else None
+            ref_lp = self.reference_logprobs(micro_batches, len(samples))
             old_lp = None
             if cfg.num_iterations > 1:
                 self.model.eval()
@@ -320,7 +347,8 @@ class GRPOTrainer:
             "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
             "step_time_s": time.perf_counter() - t0,
-            "peak_memory_gb": peak_memory_gb(self.device),
+            "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
+            "peak_memory_scope": peak_memory_scope(self.device),
         }
         if level is not None:
             m["level"] = list(level)
@@ -386,8 +414,18 @@ class GRPOTrainer:
         log.info("checkpoint written: %s", path)
         return path
 
+    def base_model_path(self) -> str:
+        if self.cfg.model is not None:
+            return str(Path(self.cfg.model).expanduser().resolve())
+        from rlvr_fast.checkpoint.default_model import default_model_dir
+        return str(default_model_dir())
+
     def load(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint: trainer state, and with LoRA the adapters (the model passed in
+        holds the checkpoint's weights otherwise)."""
         state = self.dist.load_state(checkpoint)
+        if has_lora(self.model):
+            load_adapters(self.model, checkpoint)
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.master.load_state_dict(state.get("master_weights"))
@@ -426,6 +464,9 @@ class GRPOTrainer:
         if self.reward_pool is not None:
             self.reward_pool.close()
         self.save()
+        if cfg.merge and self.dist.is_main:
+            merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")
+            self.dist.print(f"merged model (base + adapters, HF layout) written to {merged}")
         summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
         if self.dist.is_main:
             print_summary(summary)
@@ -441,16 +482,6 @@ def print_summary(summary: dict[str, Any]) -> None:
         if b is not None:
             print(f"{e['set']:<10} {'before':<8} {b['accuracy']:>9.3f} {b['format_rate']:>7.3f} {b['reward_mean']:>7.3f}")
         print(f"{e['set']:<10} {'after':<8} {e['accuracy']:>9.3f} {e['format_rate']:>7.3f} {e['reward_mean']:>7.3f}")
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    try:  # peak resident set of this process
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    except ImportError:
-        return float("nan")
 
 
 def find_resume_checkpoint(output: Path) -> Path:

@@ -152,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq = cfg.rope_inv_freq()
         self.gradient_checkpointing = False
         self._packed_head: PackedLinear | None = None
+        self.lora_config = None  # a LoRAConfig once rlvr_fast.model.lora.apply_lora has added adapters
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                        max_seqlen: int | None = None) -> torch.Tensor:
