@@ -8,7 +8,9 @@ logs each one separately, so a user can see whether the model learned the answer
 
 from __future__ import annotations
 
+import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,3 +49,14 @@ class Task(Protocol):
 
 def total_reward(components: dict[str, float], weights: dict[str, float]) -> float:
     return sum(weights.get(name, 0.0) * value for name, value in components.items())
+
+
+def check_loaded(path: str, kept: int, skipped: Counter, unit: str) -> None:
+    """One summary line for the records of a --data file that could not be read; an error when fewer than
+    two are left (one to train on, one to evaluate)."""
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+        logging.getLogger("rlvr_fast").warning("--data %s: skipped %d of %d %s that could not be read (%s)", path,
+                                               sum(skipped.values()), kept + sum(skipped.values()), unit, reasons)
+    if kept < 2:
+        raise ValueError(f"--data {path}: {kept} readable {unit}; need at least 2 (one to train on, one to evaluate)")

@@ -22,7 +22,7 @@ import re
 import string
 from dataclasses import dataclass
 
-from rlvr_fast.tasks.base import Problem
+from rlvr_fast.tasks.base import Problem, check_loaded
 from rlvr_fast.tasks.function_catalog import CATALOGUE, SLOTS, UNRELATED, FunctionSpec
 
 log = logging.getLogger("rlvr_fast")
@@ -150,13 +150,7 @@ class FunctionPickTask:
     def _load(self, path: str) -> tuple[list[Problem], list[Problem]]:
         from rlvr_fast.tasks.glaive import load_glaive
         examples, skipped = load_glaive(path)
-        if skipped:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
-            log.warning("--data %s: skipped %d of %d records that could not be read (%s)", path, sum(skipped.values()),
-                        len(examples) + sum(skipped.values()), reasons)
-        if len(examples) < 2:
-            raise ValueError(f"--data {path}: {len(examples)} readable Glaive records; need at least 2 "
-                             "(one to train on, one to evaluate)")
+        check_loaded(path, len(examples), skipped, "Glaive records")
         problems = [make_problem(f"{e.system}\n{INSTRUCTION}", e.user, e.label, functions=list(e.functions))
                     for e in examples]
         order = list(range(len(problems)))

@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from rlvr_fast.tasks.base import Problem
+from rlvr_fast.tasks.base import Problem, check_loaded
 from rlvr_fast.tasks.custom import RewardTask
 from rlvr_fast.tasks.rewards import RewardSet, parse_number
 
@@ -71,12 +71,7 @@ def jsonl_task(path: str | None, rewards: tuple[str, ...] = (), eval_size: int =
     if path is None:
         raise ValueError("--task jsonl needs --data FILE.jsonl (one {\"prompt\": ..., \"answer\": ...} object a line)")
     problems, skipped = load_jsonl(path)
-    if skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
-        log.warning("--data %s: skipped %d of %d lines that could not be read (%s)", path, sum(skipped.values()),
-                    len(problems) + sum(skipped.values()), reasons)
-    if len(problems) < 2:
-        raise ValueError(f"--data {path}: {len(problems)} readable lines; need at least 2 (to train and to evaluate)")
+    check_loaded(path, len(problems), skipped, "lines")
     reward_set = RewardSet(list(rewards or DEFAULT_REWARDS))
     if "number" in reward_set.weights:
         bad = next((p.answer for p in problems if parse_number(p.answer) is None), None)
