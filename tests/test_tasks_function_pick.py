@@ -215,5 +215,5 @@ def test_glaive_file_that_is_not_a_list(tmp_path, content, message):
 def test_glaive_file_with_nothing_readable(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(BAD))
-    with pytest.raises(ValueError, match="0 readable Glaive records"):
+    with pytest.raises(ValueError, match="0 readable records"):
         FunctionPickTask(data=str(path))

@@ -150,7 +150,7 @@ class FunctionPickTask:
     def _load(self, path: str) -> tuple[list[Problem], list[Problem]]:
         from rlvr_fast.tasks.glaive import load_glaive
         examples, skipped = load_glaive(path)
-        check_loaded(path, len(examples), skipped, "Glaive records")
+        check_loaded(path, len(examples), skipped, "records")
         problems = [make_problem(f"{e.system}\n{INSTRUCTION}", e.user, e.label, functions=list(e.functions))
                     for e in examples]
         order = list(range(len(problems)))
