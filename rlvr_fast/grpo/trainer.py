@@ -213,48 +213,52 @@ class GRPOTrainer:
         return out.to(self.device)
 
     def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
-               rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int) -> dict[str, float]:
+               rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int,
+               measure_gap: bool = True) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.master.zero_grad()
-        sums = dict.fromkeys(("loss", "kl", "ratio", "clip_low", "clip_high", "tis_weight", "tis_capped",
-                              "entropy_train", "rollout_gap"), 0.0)
+        # 0-dim tensors, read once after the loop: no host sync per micro-batch.
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss", "kl", "ratio", "clip_low", "clip_high",
+                                                                 "tis_weight", "tis_capped", "entropy_train",
+                                                                 "rollout_gap")}
         for mb in micro_batches:
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             t = mb.targets.shape[1]
             pick = lambda lp: None if lp is None else lp[rows, :t].contiguous()
             hidden = self._hidden(self.model, mb)
-            loss, stats, logp = fused_linear_grpo_loss(
+            loss, stats, *logp = fused_linear_grpo_loss(
                 hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
                 temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
                 loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
                 num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
                 delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
-                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=True)
+                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=measure_gap)
             # Weight each micro-batch so the accumulated gradient equals the full batch's:
             # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens;
             # dapo's loss is already divided by the step's token count.
             share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)
             (loss * share).backward()
             token_share = mb.num_tokens / num_tokens
-            sums["loss"] += float(loss.detach()) * share
+            sums["loss"] += loss.detach() * share
             names = (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac"),
                      ("tis_weight", "tis_weight_mean"), ("tis_capped", "tis_capped_frac"), ("entropy_train", "entropy"))
             for key, stat in names:
                 if stat in stats:
-                    sums[key] += float(stats[stat]) * token_share
+                    sums[key] += stats[stat] * token_share
             # The sampler's log-probs against the trainer's for the same tokens and weights: how far
             # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
-            gap = ((logp.detach() - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
-            sums["rollout_gap"] += float(gap) * token_share
+            if measure_gap:
+                gap = ((logp[0] - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
+                sums["rollout_gap"] += gap * token_share
         self.dist.even_passes(self.model, len(micro_batches), train=True)
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
-        sums = dict(zip(sums, self.dist.all_reduce_sum(list(sums.values()))))
+        sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
         for key, on in (("tis_weight", cfg.tis_cap is not None), ("tis_capped", cfg.tis_cap is not None),
-                        ("entropy_train", cfg.entropy_coef != 0)):
+                        ("entropy_train", cfg.entropy_coef != 0), ("rollout_gap", measure_gap)):
             if not on:
                 sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
@@ -310,7 +314,8 @@ class GRPOTrainer:
             t_ref = time.perf_counter() - t1
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
             for i in range(cfg.num_iterations):
-                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens)
+                # The gap is that of the policy the rollout sampled from: measured in the first pass only.
+                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
                 if i == 0:
                     rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
             t_update = time.perf_counter() - t1 - t_ref
