@@ -152,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq = cfg.rope_inv_freq()
         self.gradient_checkpointing = False
         self._packed_head: PackedLinear | None = None
+        self._packed_signature: tuple | None = None  # the weights the packed copies were built from
         self.lora_config = None  # a LoRAConfig once rlvr_fast.model.lora.apply_lora has added adapters
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -196,24 +197,41 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     @contextmanager
-    def packed_for_rollout(self) -> Iterator[None]:
+    def packed_for_rollout(self, keep: bool = False) -> Iterator[None]:
         """Within this block (no_grad), the cached forward and logits use fused, pre-packed copies of
-        the projection weights (CPU only; a no-op elsewhere). Built on entry from the current
-        weights, dropped on exit: training between rollouts needs no re-sync."""
+        the projection weights (CPU only; a no-op elsewhere), built on entry from the current weights.
+
+        keep=False drops them on exit. keep=True holds them for the next call, which reuses them only
+        if no parameter changed in between (same storage and version counter, same LoRA switches:
+        an optimizer step or a load_state_dict bumps the version), else rebuilds them: never stale."""
         if self.device.type != "cpu" or torch.is_grad_enabled():
             yield
             return
-        try:
+        signature = self._weights_signature()
+        if self._packed_signature != signature:
+            self._drop_packed()
             for layer in self.model.layers:
                 a, m = layer.self_attn, layer.mlp
                 a.packed = {"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])}
                 m.packed = {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])}
             self._packed_head = PackedLinear([self.lm_head])
+            self._packed_signature = signature
+        try:
             yield
         finally:
-            for layer in self.model.layers:
-                layer.self_attn.packed = layer.mlp.packed = None
-            self._packed_head = None
+            if not keep:
+                self._drop_packed()
+
+    def _weights_signature(self) -> tuple:
+        from rlvr_fast.model.lora import LoRALinear
+        params = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        return params + tuple(m.enabled for m in self.modules() if isinstance(m, LoRALinear))
+
+    def _drop_packed(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.packed = layer.mlp.packed = None
+        self._packed_head = None
+        self._packed_signature = None
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:
