@@ -63,34 +63,6 @@ def test_function_pick_reward_table(completion, answer, correct, fmt, cell):
     assert {name for name in CONFUSION if r[name] == 1.0} == {cell} and sum(r[name] for name in CONFUSION) == 1.0
 
 
-SHOWN = ["get_current_weather", "get_stock_price"]
-SHAPING = [
-    # (completion, answer, format with the shown functions known, name)
-    # The instruction's placeholder is a call to a function not on show: half the format credit, so a
-    # real name pays more than echoing the instruction.
-    ("<functioncall> name_of_the_function", "get_current_weather", 0.5, 0.0),
-    ("<functioncall> get_stock_price", "get_current_weather", 1.0, 0.0),  # shown, but the wrong one
-    ("I would use get_current_weather for this.\n<no_functioncall>", "get_current_weather", 1.0, 1.0),
-    ("<functioncall> get_current_weather", "get_current_weather", 1.0, 1.0),
-    ("get_current_weather_v2 is not it", "get_current_weather", 0.0, 0.0),  # a whole name only
-    ("<functioncall> get_current_weather", NO_CALL, 1.0, 0.0),  # name credit only where a call is needed
-    ("<no_functioncall>", NO_CALL, 1.0, 0.0),
-]
-
-
-@pytest.mark.parametrize("completion,answer,fmt,name", SHAPING)
-def test_shaping_terms_with_the_functions_on_show(completion, answer, fmt, name):
-    r = function_pick_reward(completion, answer, SHOWN)
-    assert (r["format"], r["name"]) == (fmt, name)
-    assert r["correct"] == function_pick_reward(completion, answer)["correct"]  # shaping never changes correctness
-
-
-def test_format_weight_zero_is_the_blogs_reward():
-    task = FunctionPickTask(format_weight=0.0, eval_size=4)
-    assert {k: v for k, v in task.reward_weights.items() if v} == {"correct": 1.0}
-    assert FunctionPickTask(eval_size=4).reward_weights == {"correct": 1.0, "format": 0.3, "name": 0.3}
-
-
 def test_final_choice():
     assert final_choice(BLOG_BEFORE) == ("calculate_distance", False)
     assert final_choice(BLOG_AFTER) == (NO_CALL, True)

@@ -66,7 +66,7 @@ def _jsonl_task(cfg) -> RewardTask:
 register_task("multiply", _multiply_task)
 # Sized for the embedded 135M model on a 2-core CPU (README): prompts are ~270 tokens of function schemas.
 register_task("function-pick", _function_pick_task,
-              defaults={"max_new_tokens": 64, "lr": 3e-5, "steps": 50, "eval_every": 0})
+              defaults={"max_new_tokens": 64, "lr": 2e-5, "eval_every": 0})
 register_task("jsonl", _jsonl_task, defaults={"max_new_tokens": 256})
 
 __all__ = ["FunctionPickTask", "MultiplyTask", "Problem", "RewardTask", "TASKS", "Task", "make_task", "register_task",

@@ -20,7 +20,6 @@ import logging
 import random
 import re
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlvr_fast.tasks.base import Problem, check_loaded
@@ -59,35 +58,18 @@ def final_choice(completion: str) -> tuple[str | None, bool]:
 MARKER_WORD_RE = re.compile(r"functioncall", re.I)
 
 
-def format_score(completion: str, shown: Sequence[str] | None = None) -> float:
-    """1: a choice marker ends the completion (a call naming one of the `shown` functions, when given);
-    0.5: a call at the end naming a function that is not on show (the instruction's placeholder
-    `name_of_the_function`, say), or a marker with text after it; 0.25: the bare word; else 0.
-
-    Crediting a well-formed call as much as `<no_functioncall>` matters: the instruction ends with the
-    no-call marker, so echoing it is the first thing a small model finds, and with a flat format
-    credit the placeholder call would score as well as a real one -- nothing would pull the model
-    from "always no call" (right on the non-call half) towards calls that name a real function."""
+def format_score(completion: str) -> float:
     choice, at_end = final_choice(completion)
     if at_end:
-        real = choice == NO_CALL or shown is None or choice in shown
-        return 1.0 if real else 0.5
+        return 1.0  # a choice marker ends the completion
     if choice is not None:
         return 0.5  # a marker, with text after it
     return 0.25 if MARKER_WORD_RE.search(completion) else 0.0  # e.g. "**no_functioncall**"
 
 
-def names_function(completion: str, name: str) -> bool:
-    """The completion mentions the function by its exact name (as a whole word)."""
-    return re.search(rf"(?<![\w.\-]){re.escape(name)}(?![\w\-])", completion) is not None
-
-
-def function_pick_reward(completion: str, answer: str, shown: Sequence[str] | None = None) -> dict[str, float]:
+def function_pick_reward(completion: str, answer: str) -> dict[str, float]:
     """correct: the completion ends with the right choice (the blog's reward); format: graded credit
-    for the choice markers (format_score; `shown` are the names of the functions in the prompt);
-    name: on a problem that needs a call, the completion names the right function anywhere (0 on
-    problems that need none, whatever the completion); plus the confusion cell of its last choice
-    (CONFUSION)."""
+    for the choice markers (format_score); plus the confusion cell of its last choice (CONFUSION)."""
     choice, at_end = final_choice(completion)
     if choice is None:
         cell = "no_choice"
@@ -95,9 +77,8 @@ def function_pick_reward(completion: str, answer: str, shown: Sequence[str] | No
         cell = "no_call_right" if choice == NO_CALL else "called_unneeded"
     else:
         cell = "missed_call" if choice == NO_CALL else ("called_right" if choice == answer else "called_wrong")
-    named = answer != NO_CALL and names_function(completion, answer)
-    return {"correct": float(at_end and choice == answer), "format": format_score(completion, shown),
-            "name": float(named), **{name: float(name == cell) for name in CONFUSION}}
+    return {"correct": float(at_end and choice == answer), "format": format_score(completion),
+            **{name: float(name == cell) for name in CONFUSION}}
 
 
 def system_message(functions: list[dict]) -> str:
@@ -151,14 +132,13 @@ class FunctionPickTask:
     """A Glaive function-calling v2 JSON file; None: the synthetic generator."""
     eval_size: int = 64
     format_weight: float = 0.3
-    """Weight of the two shaping terms, `format` (graded marker credit) and `name` (the right function named,
-    on problems that need a call). The blog rewards only the right choice (0 turns both off): a small model
-    needs them to find the markers, and to find calls at all (see README, function-pick)."""
+    """Weight of `format` (graded marker credit). The blog rewards only the right choice (0); a small model
+    needs the shaping to find the markers at all."""
     eval_seed: int = 1234
     name: str = "function-pick"
 
     def __post_init__(self) -> None:
-        self.reward_weights = {"correct": 1.0, "format": self.format_weight, "name": self.format_weight}
+        self.reward_weights = {"correct": 1.0, "format": self.format_weight}
         if self.data is None:
             rng = random.Random(self.eval_seed)
             self._eval = [synthetic_problem(rng, KINDS[i % len(KINDS)]) for i in range(self.eval_size)]
@@ -195,4 +175,4 @@ class FunctionPickTask:
         return list(self._eval)
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        return function_pick_reward(completion, problem.answer, problem.meta.get("functions"))
+        return function_pick_reward(completion, problem.answer)
