@@ -73,24 +73,26 @@ def test_packed_weights_follow_updates_between_rollouts():
 
 def test_kept_packed_weights_are_reused_until_a_weight_changes():
     """keep=True (the engine's default): the next rollout reuses the packed copies while every weight is
-    unchanged, and rebuilds them after an in-place update (an optimizer step) or a LoRA switch."""
+    unchanged, and rebuilds them after an in-place update (an optimizer step). Outside the block they
+    are never installed, so a no_grad forward in between uses the live weights."""
     model = tiny_model(torch.float32)
     with torch.no_grad():
         with model.packed_for_rollout(keep=True):
             first = model.model.layers[0].mlp.packed["down"]
             before = prefill_logits(model, [4])
-        assert model.model.layers[0].mlp.packed["down"] is first  # kept
+        assert model.model.layers[0].mlp.packed is None and model._packed_head is None  # kept, not installed
         with model.packed_for_rollout(keep=True):
             assert model.model.layers[0].mlp.packed["down"] is first  # reused: nothing changed
         model.model.layers[1].mlp.down_proj.weight.mul_(2.0)  # any weight, not only the one looked at
+        plain = prefill_logits(model, [4])  # outside the block: the updated weights, not the kept copies
         with model.packed_for_rollout(keep=True):
             assert model.model.layers[0].mlp.packed["down"] is not first
             after = prefill_logits(model, [4])
-        torch.testing.assert_close(after, prefill_logits(model, [4]))
+        torch.testing.assert_close(after, plain)
         assert not torch.allclose(before, after)
         with model.packed_for_rollout(keep=False):
             pass
-    assert model.model.layers[0].mlp.packed is None and model._packed_head is None  # keep=False drops them
+    assert model._kept_packed is None  # keep=False keeps nothing
 
 
 def test_engine_keeps_packed_weights_and_free_cache_drops_them():
@@ -99,9 +101,9 @@ def test_engine_keeps_packed_weights_and_free_cache_drops_them():
     engine = RolloutEngine(model, num_blocks=16, block_size=4)
     params = SamplingParams(temperature=0, max_new_tokens=3)
     first = engine.generate([[1, 2, 3]], params)
-    assert model._packed_head is not None
+    assert model._kept_packed is not None
     assert engine.generate([[1, 2, 3]], params)[0][0].token_ids == first[0][0].token_ids
     engine.free_cache()
-    assert model._packed_head is None
+    assert model._kept_packed is None
     RolloutEngine(model, num_blocks=16, block_size=4, keep_packed_weights=False).generate([[1, 2, 3]], params)
-    assert model._packed_head is None
+    assert model._kept_packed is None

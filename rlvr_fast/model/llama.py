@@ -152,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq = cfg.rope_inv_freq()
         self.gradient_checkpointing = False
         self._packed_head: PackedLinear | None = None
-        self._packed_signature: tuple | None = None  # the weights the packed copies were built from
+        self._kept_packed: tuple | None = None  # (weights signature, per-layer packed dicts, head) between rollouts
         self.lora_config = None  # a LoRAConfig once rlvr_fast.model.lora.apply_lora has added adapters
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -208,30 +208,36 @@ class LlamaForCausalLM(nn.Module):
             yield
             return
         signature = self._weights_signature()
-        if self._packed_signature != signature:
-            self._drop_packed()
-            for layer in self.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                a.packed = {"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])}
-                m.packed = {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])}
-            self._packed_head = PackedLinear([self.lm_head])
-            self._packed_signature = signature
+        kept, self._kept_packed = self._kept_packed, None
+        if kept is not None and kept[0] == signature:
+            _, layers, head = kept
+        else:
+            layers = [({"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])},
+                       {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])})
+                      for a, m in ((layer.self_attn, layer.mlp) for layer in self.model.layers)]
+            head = PackedLinear([self.lm_head])
+        self._install_packed(layers, head)
         try:
             yield
         finally:
-            if not keep:
-                self._drop_packed()
+            # Only ever installed inside this block: a no_grad forward elsewhere uses the live weights.
+            self._install_packed(None, None)
+            if keep:
+                self._kept_packed = (signature, layers, head)
 
     def _weights_signature(self) -> tuple:
         from rlvr_fast.model.lora import LoRALinear
         params = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
         return params + tuple(m.enabled for m in self.modules() if isinstance(m, LoRALinear))
 
-    def _drop_packed(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.packed = layer.mlp.packed = None
-        self._packed_head = None
-        self._packed_signature = None
+    def _install_packed(self, layers: list | None, head: PackedLinear | None) -> None:
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.packed, layer.mlp.packed = layers[i] if layers is not None else (None, None)
+        self._packed_head = head
+
+    def drop_packed(self) -> None:
+        """Free packed weights kept by packed_for_rollout(keep=True)."""
+        self._kept_packed = None
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:

@@ -133,7 +133,7 @@ class RolloutEngine:
         """Release the KV cache and any kept packed weights (e.g. to give the memory to a training step);
         the next generate() rebuilds them."""
         self._runner = None
-        self.model._drop_packed()
+        self.model.drop_packed()
 
     # ------------------------------------------------------------------ generate
 
