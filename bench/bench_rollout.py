@@ -5,9 +5,9 @@ or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops
     python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-append
     python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-append
 
-The engine runs with its defaults, which on the CPU keep the packed projection weights from one call
-to the next (weights unchanged: packed once); the "re-packed" column is the same engine with
-keep_packed_weights=False, packing every call as the GRPO trainer does (its weights change every step).
+The engine runs with its defaults, which on the CPU pack the projection weights anew for every call
+(as in GRPO training, where they change every step); the "kept" column is the same engine with
+keep_packed_weights=True, which packs them once while they stay unchanged.
 
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
@@ -112,7 +112,7 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
-    repacking = RolloutEngine(model, tok, keep_packed_weights=False)  # the trainer's setting
+    keeping = RolloutEngine(model, tok, keep_packed_weights=True)  # packs once: the weights never change here
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     rows = []
@@ -134,14 +134,14 @@ def main() -> None:
             names = ("native", "torch")
             fns = {"native": lambda: run_engine("native"), "torch": lambda: run_engine("torch")}
         else:
-            names = ("engine", "transformers", "re-packed")
-            fns = {"engine": run_engine, "transformers": run_hf, "re-packed": lambda: run_engine(eng=repacking)}
+            names = ("engine", "transformers", "kept")
+            fns = {"engine": run_engine, "transformers": run_hf, "kept": lambda: run_engine(eng=keeping)}
         times = time_alternating(fns, want, args.reps, sync)
         fast, ref = (statistics.median(times[name]) for name in names[:2])
         st = engine.stats
         row = [shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}", f"{ref:.2f}"]
         if not args.backends:
-            again = statistics.median(times["re-packed"])
+            again = statistics.median(times["kept"])
             row += [f"{want / again:.0f}", f"{ref / again:.2f}x"]
         rows.append(row + [f"{st.prefill_steps} + {st.decode_steps}", str(st.preemptions)])
         runs = ", ".join(f"{name} {[round(t, 2) for t in times[name]]}" for name in names)
@@ -161,10 +161,10 @@ def main() -> None:
     else:
         title = "Rollout engine vs transformers generate"
         header = ["prompts x n x new tokens", "engine tok/s", "transformers tok/s", "speedup", "engine s",
-                  "transformers s", "engine re-packed per call tok/s", "re-packed speedup"]
+                  "transformers s", "engine, packed weights kept tok/s", "kept speedup"]
         body = (f"{setup}; transformers generate with num_return_sequences={args.n}, "
-                "min_new_tokens=max_new_tokens. The engine keeps its packed CPU projection weights between calls "
-                "(the default); re-packed: keep_packed_weights=False, packing them every call like the GRPO trainer.")
+                "min_new_tokens=max_new_tokens. The engine packs its CPU projection weights every call (the default, "
+                "as in training); kept: keep_packed_weights=True, packed once and reused while unchanged.")
     header += ["engine steps (prefill + decode)", "preemptions"]
     body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
     if args.no_append:

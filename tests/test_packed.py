@@ -72,7 +72,7 @@ def test_packed_weights_follow_updates_between_rollouts():
 
 
 def test_kept_packed_weights_are_reused_until_a_weight_changes():
-    """keep=True (the engine's default): the next rollout reuses the packed copies while every weight is
+    """keep=True (RolloutEngine(keep_packed_weights=True)): the next rollout reuses the packed copies while every weight is
     unchanged, and rebuilds them after an in-place update (an optimizer step). Outside the block they
     are never installed, so a no_grad forward in between uses the live weights."""
     model = tiny_model(torch.float32)
@@ -98,12 +98,12 @@ def test_kept_packed_weights_are_reused_until_a_weight_changes():
 def test_engine_keeps_packed_weights_and_free_cache_drops_them():
     from rlvr_fast import RolloutEngine, SamplingParams
     model = tiny_model(torch.float32)
-    engine = RolloutEngine(model, num_blocks=16, block_size=4)
+    engine = RolloutEngine(model, num_blocks=16, block_size=4, keep_packed_weights=True)
     params = SamplingParams(temperature=0, max_new_tokens=3)
     first = engine.generate([[1, 2, 3]], params)
     assert model._kept_packed is not None
     assert engine.generate([[1, 2, 3]], params)[0][0].token_ids == first[0][0].token_ids
     engine.free_cache()
     assert model._kept_packed is None
-    RolloutEngine(model, num_blocks=16, block_size=4, keep_packed_weights=False).generate([[1, 2, 3]], params)
+    RolloutEngine(model, num_blocks=16, block_size=4).generate([[1, 2, 3]], params)  # the default keeps nothing
     assert model._kept_packed is None

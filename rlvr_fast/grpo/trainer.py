@@ -83,9 +83,8 @@ class GRPOTrainer:
         self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
         model.gradient_checkpointing = cfg.grad_checkpoint
         # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
-        # Packed CPU weights are not kept between rollouts: every optimizer step changes the weights.
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
-                                              use_cuda_graphs=not self.dist.fsdp, keep_packed_weights=False)
+                                              use_cuda_graphs=not self.dist.fsdp)
         self.memory_estimate = estimate_memory(
             model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint, micro_batch_tokens=cfg.micro_batch_tokens,
             kv_cache_bytes=self.engine.num_blocks * kv_bytes_per_block(model, self.engine.block_size))

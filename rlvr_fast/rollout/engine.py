@@ -58,7 +58,7 @@ class RolloutEngine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer | None = None, *,
                  num_blocks: int | None = None, block_size: int = 16, max_batch_size: int = 256,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 memory_fraction: float | None = None, use_cuda_graphs: bool = True, keep_packed_weights: bool = True):
+                 memory_fraction: float | None = None, use_cuda_graphs: bool = True, keep_packed_weights: bool = False):
         """
         model / tokenizer: the trainer's own objects; nothing is copied, so every generate() sees
             the current weights.
@@ -71,8 +71,9 @@ class RolloutEngine:
             prefilled in one step (one group is always admitted).
         use_cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
         keep_packed_weights: CPU: keep the fused, packed projection weights (model/packed.py) from one
-            generate() to the next; they are rebuilt whenever a weight has changed. Costs a copy of
-            the projection weights while kept; the trainer, whose weights change every step, turns it off.
+            generate() to the next, for callers whose weights stay fixed (evaluation, benchmarks); they
+            are rebuilt whenever a weight has changed. Off by default: a kept copy holds as much memory
+            as the projection weights themselves between calls, and a trainer's weights change anyway.
         """
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("block_size, max_batch_size and max_prefill_tokens must be >= 1")
