@@ -5,10 +5,6 @@ or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops
     python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-append
     python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-append
 
-The engine runs with its defaults, which on the CPU pack the projection weights anew for every call
-(as in GRPO training, where they change every step); the "kept" column is the same engine with
-keep_packed_weights=True, which packs them once while they stay unchanged.
-
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
 Prompts are chat-templated multiplication questions (the GRPO task), different operands per prompt.
@@ -112,7 +108,6 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
-    keeping = RolloutEngine(model, tok, keep_packed_weights=True)  # packs once: the weights never change here
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     rows = []
@@ -120,9 +115,9 @@ def main() -> None:
         ids = prompts(tok, count)
         params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, ignore_eos=True)
 
-        def run_engine(ops: str | None = None, eng: RolloutEngine = engine) -> int:
+        def run_engine(ops: str | None = None) -> int:
             with cpu_backend(ops):  # None: the default choice ("auto")
-                out = eng.generate(ids, params, n=args.n)
+                out = engine.generate(ids, params, n=args.n)
             return sum(len(c.token_ids) for g in out for c in g)
 
         def run_hf() -> int:
@@ -134,16 +129,13 @@ def main() -> None:
             names = ("native", "torch")
             fns = {"native": lambda: run_engine("native"), "torch": lambda: run_engine("torch")}
         else:
-            names = ("engine", "transformers", "kept")
-            fns = {"engine": run_engine, "transformers": run_hf, "kept": lambda: run_engine(eng=keeping)}
+            names = ("engine", "transformers")
+            fns = {"engine": run_engine, "transformers": run_hf}
         times = time_alternating(fns, want, args.reps, sync)
-        fast, ref = (statistics.median(times[name]) for name in names[:2])
+        fast, ref = (statistics.median(times[name]) for name in names)
         st = engine.stats
-        row = [shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}", f"{ref:.2f}"]
-        if not args.backends:
-            again = statistics.median(times["kept"])
-            row += [f"{want / again:.0f}", f"{ref / again:.2f}x"]
-        rows.append(row + [f"{st.prefill_steps} + {st.decode_steps}", str(st.preemptions)])
+        rows.append([shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}",
+                     f"{ref:.2f}", f"{st.prefill_steps} + {st.decode_steps}", str(st.preemptions)])
         runs = ", ".join(f"{name} {[round(t, 2) for t in times[name]]}" for name in names)
         print(f"{count} prompts: {names[0]} {want / fast:.0f} tok/s, {names[1]} {want / ref:.0f} tok/s "
               f"({ref / fast:.2f}x); runs {runs}", file=sys.stderr, flush=True)
@@ -161,10 +153,9 @@ def main() -> None:
     else:
         title = "Rollout engine vs transformers generate"
         header = ["prompts x n x new tokens", "engine tok/s", "transformers tok/s", "speedup", "engine s",
-                  "transformers s", "engine, packed weights kept tok/s", "kept speedup"]
+                  "transformers s"]
         body = (f"{setup}; transformers generate with num_return_sequences={args.n}, "
-                "min_new_tokens=max_new_tokens. The engine packs its CPU projection weights every call (the default, "
-                "as in training); kept: keep_packed_weights=True, packed once and reused while unchanged.")
+                "min_new_tokens=max_new_tokens.")
     header += ["engine steps (prefill + decode)", "preemptions"]
     body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
     if args.no_append:

@@ -152,7 +152,6 @@ class LlamaForCausalLM(nn.Module):
         self._inv_freq = cfg.rope_inv_freq()
         self.gradient_checkpointing = False
         self._packed_head: PackedLinear | None = None
-        self._kept_packed: tuple | None = None  # (weights signature, per-layer packed dicts, head) between rollouts
         self.lora_config = None  # a LoRAConfig once rlvr_fast.model.lora.apply_lora has added adapters
 
     def forward_hidden(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -197,47 +196,24 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     @contextmanager
-    def packed_for_rollout(self, keep: bool = False) -> Iterator[None]:
+    def packed_for_rollout(self) -> Iterator[None]:
         """Within this block (no_grad), the cached forward and logits use fused, pre-packed copies of
-        the projection weights (CPU only; a no-op elsewhere), built on entry from the current weights.
-
-        keep=False drops them on exit. keep=True holds them for the next call, which reuses them only
-        if no parameter changed in between (same storage and version counter, same LoRA switches:
-        an optimizer step or a load_state_dict bumps the version), else rebuilds them: never stale."""
+        the projection weights (CPU only; a no-op elsewhere). Built on entry from the current
+        weights, dropped on exit: training between rollouts needs no re-sync."""
         if self.device.type != "cpu" or torch.is_grad_enabled():
             yield
             return
-        signature = self._weights_signature()
-        kept, self._kept_packed = self._kept_packed, None
-        if kept is not None and kept[0] == signature:
-            _, layers, head = kept
-        else:
-            layers = [({"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])},
-                       {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])})
-                      for a, m in ((layer.self_attn, layer.mlp) for layer in self.model.layers)]
-            head = PackedLinear([self.lm_head])
-        self._install_packed(layers, head)
         try:
+            for layer in self.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                a.packed = {"qkv": PackedLinear([a.q_proj, a.k_proj, a.v_proj]), "o": PackedLinear([a.o_proj])}
+                m.packed = {"gate_up": PackedLinear([m.gate_proj, m.up_proj]), "down": PackedLinear([m.down_proj])}
+            self._packed_head = PackedLinear([self.lm_head])
             yield
         finally:
-            # Only ever installed inside this block: a no_grad forward elsewhere uses the live weights.
-            self._install_packed(None, None)
-            if keep:
-                self._kept_packed = (signature, layers, head)
-
-    def _weights_signature(self) -> tuple:
-        from rlvr_fast.model.lora import LoRALinear
-        params = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
-        return params + tuple(m.enabled for m in self.modules() if isinstance(m, LoRALinear))
-
-    def _install_packed(self, layers: list | None, head: PackedLinear | None) -> None:
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.packed, layer.mlp.packed = layers[i] if layers is not None else (None, None)
-        self._packed_head = head
-
-    def drop_packed(self) -> None:
-        """Free packed weights kept by packed_for_rollout(keep=True)."""
-        self._kept_packed = None
+            for layer in self.model.layers:
+                layer.self_attn.packed = layer.mlp.packed = None
+            self._packed_head = None
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None) -> torch.Tensor:

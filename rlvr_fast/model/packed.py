@@ -6,11 +6,10 @@ each weight once per rollout into that layout (oneDNN for bf16, MKL for fp32, th
 GEMMs torch.compile's CPU backend uses), and fusing q/k/v and gate/up into one matrix each, makes
 the projections of a decode step ~1.7x faster on a 2-core Xeon (bench/bench_rollout.py).
 
-The packed copies are built when a rollout starts (`LlamaForCausalLM.packed_for_rollout`) from the
-current weights and dropped when it ends, so they cost memory only while generating. An engine made
-with keep_packed_weights=True keeps them for its next rollout and reuses them only while no weight
-has changed (each parameter's storage and version counter are compared), so they never go stale
-after an optimizer step. MKL's packed fp32 GEMM gives bit-identical results to the plain one; oneDNN's bf16 GEMM accumulates in fp32 like the plain bf16 path. Where these ops are missing
+The packed copies are built when a rollout starts and dropped when it ends
+(`LlamaForCausalLM.packed_for_rollout`), so they never go stale after an optimizer step and cost
+memory only while generating. MKL's packed fp32 GEMM gives bit-identical results to the plain
+one; oneDNN's bf16 GEMM accumulates in fp32 like the plain bf16 path. Where these ops are missing
 (non-x86 builds) the fused weight runs through a plain F.linear, and one log line says so.
 
 LoRA adapters: with fp32 weights each adapter is merged into the packed copy when it is built

@@ -58,7 +58,7 @@ class RolloutEngine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer | None = None, *,
                  num_blocks: int | None = None, block_size: int = 16, max_batch_size: int = 256,
                  max_model_len: int | None = None, max_prefill_tokens: int = 8192,
-                 memory_fraction: float | None = None, use_cuda_graphs: bool = True, keep_packed_weights: bool = False):
+                 memory_fraction: float | None = None, use_cuda_graphs: bool = True):
         """
         model / tokenizer: the trainer's own objects; nothing is copied, so every generate() sees
             the current weights.
@@ -70,10 +70,6 @@ class RolloutEngine:
             (default: the model's max_position_embeddings). max_prefill_tokens: most prompt tokens
             prefilled in one step (one group is always admitted).
         use_cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
-        keep_packed_weights: CPU: keep the fused, packed projection weights (model/packed.py) from one
-            generate() to the next, for callers whose weights stay fixed (evaluation, benchmarks); they
-            are rebuilt whenever a weight has changed. Off by default: a kept copy holds as much memory
-            as the projection weights themselves between calls, and a trainer's weights change anyway.
         """
         if block_size < 1 or max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("block_size, max_batch_size and max_prefill_tokens must be >= 1")
@@ -89,7 +85,6 @@ class RolloutEngine:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.memory_fraction = memory_fraction
         self.use_cuda_graphs = use_cuda_graphs
-        self.keep_packed_weights = keep_packed_weights
         self._num_blocks = num_blocks
         self._runner: ModelRunner | None = None
         self.block_manager: BlockManager | None = None
@@ -131,10 +126,8 @@ class RolloutEngine:
         return runner
 
     def free_cache(self) -> None:
-        """Release the KV cache and any kept packed weights (e.g. to give the memory to a training step);
-        the next generate() rebuilds them."""
+        """Release the KV cache (e.g. to give the memory to a training step); the next generate() reallocates it."""
         self._runner = None
-        self.model.drop_packed()
 
     # ------------------------------------------------------------------ generate
 
@@ -178,7 +171,7 @@ class RolloutEngine:
         eos_ids = set() if params.ignore_eos else set(self.eos_token_ids) - stop_ids
         start_time = time.perf_counter()
         # On the CPU, packed_for_rollout swaps in fused, pre-packed projection weights for this call.
-        with torch.inference_mode(), self.model.packed_for_rollout(keep=self.keep_packed_weights):
+        with torch.inference_mode(), self.model.packed_for_rollout():
             while scheduler.has_work():
                 batch = scheduler.schedule()
                 tokens, logprobs = runner.run(batch, params)
