@@ -155,19 +155,23 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         dist.compute_dtype, dtype = dtype, torch.float32
 
     import rlvr_fast
-    from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError
+    from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError, check_cold_start
     from rlvr_fast.tasks import make_task
     try:
         task = make_task(cfg)
+        check_cold_start(cfg, task)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     try:
         # A resumed run trains the checkpoint's weights; the initial model is loaded only as the reference.
         # With LoRA the base model is --model itself (frozen, and the reference): the trainer adds
         # the adapters and, on resume, loads them from the checkpoint.
+        # After a cold start the reference is the model it left, kept in OUTPUT/cold-start.
         ref_model = None
         if resume_from is not None and cfg.beta > 0 and not cfg.lora_rank:
-            ref_model, _ = rlvr_fast.load_pretrained(cfg.model, device=device, dtype=dtype)
+            from rlvr_fast.grpo.trainer import COLD_START_DIR
+            cold = output / COLD_START_DIR
+            ref_model, _ = rlvr_fast.load_pretrained(cold if cold.is_dir() else cfg.model, device=device, dtype=dtype)
         weights = cfg.model if cfg.lora_rank else (resume_from or cfg.model)
         model, tokenizer = rlvr_fast.load_pretrained(weights, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:

@@ -104,8 +104,12 @@ def test_generator_is_deterministic_balanced_and_holds_out_its_eval_set():
     assert kinds.count("call") == 32 and kinds.count("missing") == 16 and kinds.count("unrelated") == 16
     a, b = task.sample(random.Random(5), 200), task.sample(random.Random(5), 200)
     assert [p.messages for p in a] == [p.messages for p in b]
-    calls = sum(p.answer != NO_CALL for p in a)
-    assert 80 <= calls <= 120  # half and half in expectation
+    for n in (4, 8, 6):  # every batch is balanced: as many calls as non-calls (stratified over KINDS)
+        for seed in range(5):
+            batch = task.sample(random.Random(seed), n)
+            assert sum(p.answer != NO_CALL for p in batch) == n // 2
+    kinds = [p.meta["kind"] for p in task.sample(random.Random(2), 8)]
+    assert kinds.count("call") == 4 and kinds.count("missing") == 2 and kinds.count("unrelated") == 2
     held = {(p.messages[0]["content"], p.messages[1]["content"]) for p in task.eval_problems()}
     assert not held & {(p.messages[0]["content"], p.messages[1]["content"]) for p in task.sample(random.Random(1), 2000)}
 
@@ -217,3 +221,46 @@ def test_glaive_file_with_nothing_readable(tmp_path):
     path.write_text(json.dumps(BAD))
     with pytest.raises(ValueError, match="0 readable records"):
         FunctionPickTask(data=str(path))
+
+
+def test_demonstrations_show_the_form_and_every_choice_alike(tmp_path):
+    """Cold-start demonstrations: per training problem one call of a function on show and one no call, each a
+    short thought about the schemas that ends with its marker, so they teach the form and not the answer."""
+    task = FunctionPickTask(eval_size=16)
+    demos = task.demonstrations(random.Random(3), 200)
+    assert [t for _, t in demos] == [t for _, t in task.demonstrations(random.Random(3), 200)]  # deterministic
+    held = {(p.messages[0]["content"], p.messages[1]["content"]) for p in task.eval_problems()}
+    right = 0
+    for problem, texts in demos:
+        assert (problem.messages[0]["content"], problem.messages[1]["content"]) not in held
+        shown = problem.meta["functions"]
+        assert len(texts) == 2
+        (called, call_at_end), (none, none_at_end) = (final_choice(t) for t in texts)
+        assert called in shown and none == NO_CALL and call_at_end and none_at_end
+        for t in texts:
+            assert function_pick_reward(t, problem.answer)["format"] == 1.0
+            schemas = {f.name: f.schema for f in CATALOGUE}
+            # The thought names each function and what it requires, nothing about the request.
+            assert problem.messages[1]["content"] not in t
+            for name in shown:
+                required = schemas[name]["parameters"]["required"]
+                assert f"{name} requires {', '.join(required)}." in t
+            assert texts[0].split("\n")[0] == texts[1].split("\n")[0]  # the same thought, either way
+        right += sum(function_pick_reward(t, problem.answer)["correct"] for t in texts)
+    # Exactly one of the two is right on a non-call problem, and on a call problem only when the drawn
+    # function is the one asked for: the demonstrations are right about half the time or less, by construction.
+    assert 0.3 * len(texts) * len(demos) < right < 0.5 * len(texts) * len(demos) + 1
+
+
+def test_demonstrations_from_glaive_data(tmp_path):
+    path = tmp_path / "glaive.json"
+    path.write_text(json.dumps(GOOD * 4))
+    task = FunctionPickTask(data=str(path), eval_size=1)
+    for problem, texts in task.demonstrations(random.Random(0), 6):
+        shown = problem.meta["functions"]
+        assert [final_choice(t)[0] for t in texts][-1] == NO_CALL
+        assert len(texts) == (2 if shown else 1)  # a record without functions can only not call
+        if shown:
+            assert final_choice(texts[0])[0] in shown and "get_current_weather requires city." in texts[0]
+        else:
+            assert texts == ["No functions are on show.\n<no_functioncall>"]

@@ -38,7 +38,7 @@ def test_multiply(tiny, tmp_path):
 
 def test_function_pick_synthetic(tiny, tmp_path):
     out = tmp_path / "run"
-    assert main(args(tiny, out, "--task", "function-pick")) == 0
+    assert main(args(tiny, out, "--task", "function-pick", "--cold-start-steps", "2")) == 0
     metrics = records(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:  # the confusion cells are logged per step; they partition the completions
@@ -46,14 +46,17 @@ def test_function_pick_synthetic(tiny, tmp_path):
                                                "no_call_right", "no_choice")]
         assert abs(sum(cells) - 1.0) < 1e-9 and m["reward_timeouts"] == 0
     evals = records(out / "eval.jsonl")
-    assert [e["step"] for e in evals] == [0, 2] and "no_choice" in evals[0]["components"]
+    assert [(e["step"], e.get("after_cold_start", False)) for e in evals] == [(0, False), (0, True), (2, False)]
+    assert "no_choice" in evals[0]["components"]
+    assert [r["demonstrations"] for r in records(out / "cold_start.jsonl")] == [4, 4]  # 2 problems x (call, no call)
     assert (out / "checkpoint-2").is_dir()
 
 
 def test_function_pick_from_glaive_data(tiny, tmp_path):
     data = tmp_path / "glaive.json"
     data.write_text(json.dumps(GOOD + BAD))
-    assert main(args(tiny, tmp_path / "run", "--task", "function-pick", "--data", str(data), "--eval-size", "1")) == 0
+    assert main(args(tiny, tmp_path / "run", "--task", "function-pick", "--data", str(data), "--eval-size", "1",
+                     "--cold-start-steps", "1")) == 0
     sample = records(tmp_path / "run" / "samples.jsonl")[0]
     assert sample["answer"] in ("get_current_weather", "none")
 

@@ -51,6 +51,11 @@ class TrainConfig:
     max_new_tokens: int = opt(48, "completion length limit")
     temperature: float = opt(0.8, "sampling temperature for rollouts")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
+    # cold start (trainer.py: cold_start)
+    cold_start_steps: int = opt(0, "supervised steps on the task's format demonstrations before GRPO (DeepSeek-R1's "
+                                   "cold start; function-pick's show calling and not calling alike on every problem, so "
+                                   "they teach the form, not the answer); the KL reference is the model after them")
+    cold_start_lr: float = opt(1e-4, "learning rate of the cold-start steps (constant, their own AdamW)")
     # objective
     lr: float = opt(3e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -105,13 +110,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "sample_every", "warmup_steps"):
+        for name in ("eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         checks = [
             (self.temperature > 0, "--temperature must be > 0 for GRPO rollouts (sampling needs a spread)"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (self.cold_start_lr > 0 and math.isfinite(self.cold_start_lr), "--cold-start-lr must be a positive number"),
             (self.beta >= 0, "--beta must be >= 0"),
             (0 <= self.clip_low < 1, "--clip-low must be in [0, 1)"),
             (self.clip_high >= 0, "--clip-high must be >= 0"),
@@ -139,6 +145,10 @@ class TrainConfig:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:
             self.lora()  # checks alpha and targets
+            if self.cold_start_steps and self.beta > 0:
+                raise ValueError("--cold-start-steps with --lora-rank and --beta > 0: the KL reference of LoRA is the base "
+                                 "model with its adapters off, which would pull the run back from what the cold start "
+                                 "taught; use --beta 0 or full fine-tuning")
         elif self.merge:
             raise ValueError("--merge needs LoRA (--lora-rank R): full fine-tuning checkpoints are already merged models")
 

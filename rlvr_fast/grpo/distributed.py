@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from rlvr_fast.checkpoint import save_pretrained
 from rlvr_fast.grpo import checkpointing
 from rlvr_fast.grpo.report import JsonlWriter
 from rlvr_fast.model.attention import PackedBatch
@@ -317,6 +318,16 @@ class Dist:
             write_shards(path)
         self.barrier()
         return path
+
+    def save_model(self, model, tokenizer, path: Path) -> None:
+        """Rank 0 writes the HF-layout model to path (with FSDP, gathered from all ranks to its CPU)."""
+        full = None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            save_pretrained(model, tokenizer, path, state_dict=full)  # atomic on its own
+        self.barrier()
 
     def load_state(self, checkpoint: Path) -> dict[str, Any]:
         """The trainer state of `checkpoint` for this rank (with FSDP, its optimizer shard)."""

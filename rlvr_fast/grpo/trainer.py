@@ -13,6 +13,10 @@
    [tokens, vocab] logits never exist), gradient accumulation weighted so the result equals one
    big batch, clipping, AdamW with warm-up; with bf16 weights the optimizer steps fp32 masters
    (precision.py).
+
+Before step 1, --cold-start-steps supervised steps on the task's format demonstrations (the cold
+start of DeepSeek-R1) can teach a small model the answer's form, so that GRPO has rewarded samples
+to compare; the KL reference is then the model after them (`cold_start`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ from rlvr_fast.tasks.pool import RewardPool
 log = logging.getLogger("rlvr_fast")
 
 
+COLD_START_DIR = "cold-start"
+"""OUTPUT/cold-start: the model after the cold start, the KL reference a resumed run loads."""
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated NaN/Inf updates, a strict reward failure)."""
 
@@ -64,6 +72,12 @@ class Rollout:
     reward_errors: int
     reward_timeouts: int
     seconds: float
+
+
+def check_cold_start(cfg: TrainConfig, task) -> None:
+    if cfg.cold_start_steps and not hasattr(task, "demonstrations"):
+        raise ValueError(f"--cold-start-steps needs a task with format demonstrations (a method demonstrations(rng, n), "
+                         f"see FunctionPickTask); task {task.name!r} has none: drop --cold-start-steps")
 
 
 class GRPOTrainer:
@@ -94,6 +108,9 @@ class GRPOTrainer:
                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
         self.step = 0
+        self.cold_start_done = 0  # cold-start steps taken
+        self.cold_start_optimizer = None
+        check_cold_start(cfg, task)
         self.bad_steps = 0
         self.reward_error_shown = False
         # Tasks with user rewards hand over a picklable `scorer`: it runs in worker processes with a time
@@ -105,6 +122,7 @@ class GRPOTrainer:
         self.metrics = self.dist.writer(output / "metrics.jsonl")  # rank 0 writes, the others do not
         self.samples = self.dist.writer(output / "samples.jsonl")
         self.evals = self.dist.writer(output / "eval.jsonl")
+        self.cold_start_log = self.dist.writer(output / "cold_start.jsonl")
 
     def _cache_blocks(self, block_size: int = 16) -> int:
         """KV blocks for one step's rollout (or one evaluation) at once, with a margin: the pool is
@@ -214,16 +232,25 @@ class GRPOTrainer:
 
     def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
                rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int,
-               measure_gap: bool = True) -> dict[str, float]:
+               measure_gap: bool = True, supervised: bool = False) -> dict[str, float]:
+        """One optimizer step over the micro-batches. supervised: a cold-start step. Its advantages are all 1,
+        with no KL, no old log-probs and a token-mean loss of token ratios, so every ratio is 1 (inside the clip)
+        and the gradient is exactly that of the completion tokens' mean negative log-likelihood (`nll`) under
+        the sampling temperature, the policy GRPO samples from."""
         cfg = self.cfg
+        loss_type = "bnpo" if supervised else cfg.loss_type
+        beta, tis_cap = (0.0, None) if supervised else (cfg.beta, cfg.tis_cap)
+        entropy_coef = 0.0 if supervised else cfg.entropy_coef
+        ratio_level, delta = ("token", None) if supervised else (cfg.ratio_level, cfg.delta)
+        optimizer = self.cold_start_optimizer if supervised else self.optimizer
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.cold_start_lr if supervised else self.lr_at(self.step)
         self.master.zero_grad()
         # 0-dim tensors, read once after the loop: no host sync per micro-batch.
         sums = {k: torch.zeros((), device=self.device) for k in ("loss", "kl", "ratio", "clip_low", "clip_high",
                                                                  "tis_weight", "tis_capped", "entropy_train",
-                                                                 "rollout_gap")}
+                                                                 "rollout_gap", "nll")}
         for mb in micro_batches:
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             t = mb.targets.shape[1]
@@ -231,15 +258,15 @@ class GRPOTrainer:
             hidden = self._hidden(self.model, mb)
             loss, stats, *logp = fused_linear_grpo_loss(
                 hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
-                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
-                num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
-                delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
-                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=measure_gap)
+                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=beta,
+                loss_type=loss_type, max_completion_len=cfg.max_new_tokens,
+                num_tokens=num_tokens if loss_type == "dapo" else None, ratio_level=ratio_level,
+                delta=delta, rollout_logprobs=pick(rollout_lp) if tis_cap is not None else None,
+                tis_cap=tis_cap, entropy_coef=entropy_coef, return_logprobs=measure_gap or supervised)
             # Weight each micro-batch so the accumulated gradient equals the full batch's:
             # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens;
             # dapo's loss is already divided by the step's token count.
-            share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)
+            share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(loss_type, len(mb.samples) / num_samples)
             (loss * share).backward()
             token_share = mb.num_tokens / num_tokens
             sums["loss"] += loss.detach() * share
@@ -250,6 +277,8 @@ class GRPOTrainer:
                     sums[key] += stats[stat] * token_share
             # The sampler's log-probs against the trainer's for the same tokens and weights: how far
             # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
+            if supervised:
+                sums["nll"] -= (logp[0].detach() * mb.mask).sum() / num_tokens
             if measure_gap:
                 gap = ((logp[0] - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
                 sums["rollout_gap"] += gap * token_share
@@ -257,8 +286,8 @@ class GRPOTrainer:
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
-        for key, on in (("tis_weight", cfg.tis_cap is not None), ("tis_capped", cfg.tis_cap is not None),
-                        ("entropy_train", cfg.entropy_coef != 0), ("rollout_gap", measure_gap)):
+        for key, on in (("tis_weight", tis_cap is not None), ("tis_capped", tis_cap is not None),
+                        ("entropy_train", entropy_coef != 0), ("rollout_gap", measure_gap), ("nll", supervised)):
             if not on:
                 sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
@@ -266,8 +295,9 @@ class GRPOTrainer:
         grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
-            self.master.master_to_model(self.step)
+            optimizer.step()
+            # Cold-start steps draw their rounding noise apart from the GRPO steps'.
+            self.master.master_to_model(self.step if not supervised else -1 - self.cold_start_done)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -369,6 +399,54 @@ class GRPOTrainer:
                                         "completion": c.text, "reward": total_reward(comp, self.task.reward_weights), **comp})
         return m
 
+    # ---- cold start ----------------------------------------------------------------------
+
+    def cold_start(self) -> None:
+        """--cold-start-steps supervised steps on the task's demonstrations: `task.demonstrations(rng, n)` gives n
+        training problems, each with completions in the expected form, trained as one group (the prompt fed
+        once) with the loss of `update(supervised=True)` and an AdamW of their own, discarded after, so GRPO's
+        optimizer starts fresh. The KL reference then becomes the model as it is now; a copy goes to
+        OUTPUT/cold-start, where a resumed run reads its reference."""
+        cfg = self.cfg
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with")
+        rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
+        self.cold_start_optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.cold_start_lr,
+                                                      weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
+        while self.cold_start_done < cfg.cold_start_steps:
+            t0 = time.perf_counter()
+            demos = self.task.demonstrations(rng, cfg.prompts_per_step)  # the same on every rank
+            samples = []
+            for i, (problem, texts) in enumerate(demos[self.dist.local_slice(len(demos))]):
+                prompt = self.encode_prompt(problem)
+                for text in texts:
+                    ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
+                    samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
+            micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
+                             for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
+            self.dist.plan_passes(len(micro_batches))
+            local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
+            num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))
+            upd = self.update(micro_batches, None, None, None, num_samples, num_tokens, measure_gap=False,
+                              supervised=True)
+            self.cold_start_done += 1
+            m = {"cold_start_step": self.cold_start_done, "nll": upd["nll"], "grad_norm": upd["grad_norm"],
+                 "skipped_update": upd["skipped_update"], "demonstrations": num_samples, "tokens": num_tokens,
+                 "lr": cfg.cold_start_lr, "step_time_s": time.perf_counter() - t0}
+            self.cold_start_log.write(m)
+            self.dist.print(f"cold start {self.cold_start_done}/{cfg.cold_start_steps}: nll {m['nll']:.3f}, "
+                            f"grad norm {m['grad_norm']:.2f}, {m['step_time_s']:.1f} s")
+            if self.bad_steps >= cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_steps} consecutive cold-start updates had NaN/Inf loss or gradients; "
+                                    "try a lower --cold-start-lr or --dtype float32.")
+        self.cold_start_optimizer = None
+        if self.ref_model is not None:
+            with torch.no_grad():  # same structure (a deep copy), same sharding: copy parameter by parameter
+                for ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
+                    ref.copy_(p)
+            self.dist.save_model(self.model, self.tokenizer, self.output / COLD_START_DIR)
+
     # ---- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, problems: list[Problem], label: str) -> dict[str, Any]:
@@ -383,6 +461,8 @@ class GRPOTrainer:
                   # every component's mean, e.g. function-pick's confusion cells
                   "components": {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in sorted({k for c in comps for k in c})},
                   "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts}
+        if self.step == 0 and self.cold_start_done:
+            result["after_cold_start"] = True
         self.evals.write(result)
         return result
 
@@ -396,7 +476,8 @@ class GRPOTrainer:
     def run_evals(self) -> list[dict[str, Any]]:
         results = [self.evaluate(problems, label) for label, problems in self.eval_sets()]
         for r in results:
-            self.dist.print(f"eval @ step {r['step']} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
+            where = "the cold start" if r.get("after_cold_start") else f"step {r['step']}"
+            self.dist.print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
                             f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
             others = {k: v for k, v in r["components"].items() if k not in ("correct", "format")}
             if others:
@@ -411,7 +492,7 @@ class GRPOTrainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "master_weights": self.master.state_dict(),
                 "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
-                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps}
+                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "cold_start_done": self.cold_start_done}
 
     def save(self) -> Path:
         # One process or rank 0 writes it (several ranks: their model and state are gathered or identical).
@@ -437,6 +518,7 @@ class GRPOTrainer:
         self.rng.setstate(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.bad_steps = state["bad_steps"]
+        self.cold_start_done = state.get("cold_start_done", 0)
         if state["task"] is not None:
             self.task.load_state_dict(state["task"])
         for writer in (self.metrics, self.samples, self.evals):
@@ -446,8 +528,14 @@ class GRPOTrainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        before = self.run_evals() if self.step == 0 else [e for e in self.evals.read() if e["step"] == 0]
+        fresh = self.step == 0 and not self.cold_start_done
+        earlier = [e for e in self.evals.read() if e["step"] == 0]
+        before = self.run_evals() if fresh else [e for e in earlier if not e.get("after_cold_start")]
+        cold = [e for e in earlier if e.get("after_cold_start")]
         start, first_step = time.perf_counter(), self.step
+        if self.cold_start_done < cfg.cold_start_steps and self.step == 0:  # never between GRPO steps
+            self.cold_start()
+            cold = self.run_evals()
         try:
             while self.step < cfg.steps:
                 m = self.train_step()
@@ -472,21 +560,21 @@ class GRPOTrainer:
         if cfg.merge and self.dist.is_main:
             merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")
             self.dist.print(f"merged model (base + adapters, HF layout) written to {merged}")
-        summary = {"before": before, "after": after, "seconds": time.perf_counter() - start}
+        summary = {"before": before, "cold_start": cold, "after": after, "seconds": time.perf_counter() - start}
         if self.dist.is_main:
             print_summary(summary)
         return summary
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    before = {e["set"]: e for e in summary["before"]}
+    earlier = [("before", {e["set"]: e for e in summary["before"]}),
+               ("cold st.", {e["set"]: e for e in summary.get("cold_start", [])})]
     print(f"\nsummary ({format_duration(summary['seconds'])} of training)")
     print(f"{'eval set':<10} {'':<8} {'accuracy':>9} {'format':>7} {'reward':>7}")
     for e in summary["after"]:
-        b = before.get(e["set"])
-        if b is not None:
-            print(f"{e['set']:<10} {'before':<8} {b['accuracy']:>9.3f} {b['format_rate']:>7.3f} {b['reward_mean']:>7.3f}")
-        print(f"{e['set']:<10} {'after':<8} {e['accuracy']:>9.3f} {e['format_rate']:>7.3f} {e['reward_mean']:>7.3f}")
+        for stage, e_then in [(stage, evals[e["set"]]) for stage, evals in earlier if e["set"] in evals] + [("after", e)]:
+            print(f"{e['set']:<10} {stage:<8} {e_then['accuracy']:>9.3f} {e_then['format_rate']:>7.3f} "
+                  f"{e_then['reward_mean']:>7.3f}")
 
 
 def find_resume_checkpoint(output: Path) -> Path:

@@ -44,7 +44,8 @@ class Task(Protocol):
     # Optional: `scorer`, a picklable callable (problem, completion) -> components. A task that has one
     # (a RewardTask with user rewards) is scored by it in worker processes with --reward-timeout per call;
     # other tasks are scored in-process by `score`. `observe(correct)`, `state_dict()`/`load_state_dict()`:
-    # see MultiplyTask (curriculum).
+    # see MultiplyTask (curriculum). `demonstrations(rng, n) -> [(problem, [completion, ...])]`: n training
+    # problems with completions in the expected form, for --cold-start-steps (see FunctionPickTask).
 
 
 def total_reward(components: dict[str, float], weights: dict[str, float]) -> float:

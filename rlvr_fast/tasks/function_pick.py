@@ -81,6 +81,22 @@ def function_pick_reward(completion: str, answer: str) -> dict[str, float]:
             **{name: float(name == cell) for name in CONFUSION}}
 
 
+def choice_marker(choice: str) -> str:
+    return "<no_functioncall>" if choice == NO_CALL else f"<functioncall> {choice}"
+
+
+def demonstration(functions: list[dict], choice: str) -> str:
+    """A completion in the expected form for the cold start: a short thought that names each function on
+    show and the arguments it requires (read from the schemas, so it says nothing about the request),
+    then the given choice."""
+    thoughts = []
+    for f in functions:
+        required = (f.get("parameters") or {}).get("required") or []
+        thoughts.append(f"{f['name']} requires {', '.join(required)}." if required else
+                        f"{f['name']} requires no arguments.")
+    return (" ".join(thoughts) or "No functions are on show.") + "\n" + choice_marker(choice)
+
+
 def system_message(functions: list[dict]) -> str:
     return "\n".join([PREAMBLE, *(json.dumps(f, indent=4) for f in functions), INSTRUCTION])
 
@@ -93,7 +109,7 @@ def make_problem(system: str, user: str, answer: str | None, **meta) -> Problem:
 # ---- the synthetic generator ----------------------------------------------------------------
 
 KINDS = ("call", "missing", "call", "unrelated")
-"""Cycled by the evaluation set and drawn uniformly for training: half calls, half non-calls."""
+"""Cycled by the evaluation set and by each training batch: half calls, half non-calls."""
 
 
 def _fill(template: str, rng: random.Random) -> str:
@@ -164,15 +180,36 @@ class FunctionPickTask:
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
         if self._train is not None:
             return [rng.choice(self._train) for _ in range(n)]
-        problems = []
-        while len(problems) < n:
-            p = synthetic_problem(rng, rng.choice(KINDS))
-            if _key(p) not in self._held_out:
-                problems.append(p)
+        # Stratified: each batch cycles through KINDS from a random start, so a step's calls and non-calls are
+        # as balanced as its size allows. Otherwise a step with more of one kind pushes the whole policy towards
+        # calling (or not), and those swings, larger than the signal about *when* to call, make it collapse.
+        start, problems = rng.randrange(len(KINDS)), []
+        for i in range(n):
+            kind = KINDS[(start + i) % len(KINDS)]
+            while _key(p := synthetic_problem(rng, kind)) in self._held_out:
+                pass
+            problems.append(p)
+        rng.shuffle(problems)
         return problems
 
     def eval_problems(self) -> list[Problem]:
         return list(self._eval)
+
+    def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
+        """Cold-start demonstrations (--cold-start-steps): n training problems, each with two completions
+        (`demonstration`): one that calls a function on show, drawn at random, and one that does not. Every
+        problem gets both, right or wrong, so they teach the form (a thought, then a marker naming a real
+        function) with calling and not calling equally likely, and nothing about which is right: that is
+        left to GRPO."""
+        from rlvr_fast.tasks.glaive import function_definitions
+        out = []
+        for problem in self.sample(rng, n):
+            functions = function_definitions(problem.messages[0]["content"])
+            texts = [demonstration(functions, NO_CALL)]
+            if functions:  # a Glaive record may show none
+                texts.insert(0, demonstration(functions, rng.choice(functions)["name"]))
+            out.append((problem, texts))
+        return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return function_pick_reward(completion, problem.answer)

@@ -1,0 +1,141 @@
+"""The cold start (--cold-start-steps): supervised steps on a task's demonstrations before GRPO. Its loss is
+the demonstrations' negative log-likelihood, the KL reference becomes the model it leaves, a resumed run
+reads that reference back and does not repeat it, and bad combinations are refused."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import rlvr_fast
+from rlvr_fast.kernels import fused_linear_grpo_loss
+from rlvr_fast.kernels.reference import linear_token_logprobs_ref
+from rlvr_fast.tasks import Problem, register_task
+from rlvr_fast.train import main
+from tests.test_train import DigitsTask, args
+from tests.tiny import make_tiny_checkpoint
+
+
+class DemoTask(DigitsTask):
+    """DigitsTask with demonstrations: two fixed answers per problem."""
+
+    name = "demo-test"
+
+    def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
+        return [(p, ["Final Answer: 12", "Final Answer: 99"]) for p in self.sample(rng, n)]
+
+
+register_task("demo-test", lambda cfg: DemoTask())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_supervised_loss_is_the_mean_nll(backend):
+    """update(supervised=True) calls the GRPO loss with every advantage 1, no KL, no old log-probs and token
+    means (bnpo): the ratio is 1, inside the clip, so its gradient is the demonstrations' mean NLL's."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 5, 16, 37
+    h, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) / 4
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, 3:], mask[2, 1:] = 0, 0
+    hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fused_linear_grpo_loss(hk, wk, y, None, None, torch.ones(B), mask, beta=0.0, loss_type="bnpo",
+                                     temperature=0.8, backend=backend)
+    loss.backward()
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    lp = linear_token_logprobs_ref(hr.view(-1, H), wr, y.view(-1), temperature=0.8).view(B, T)
+    nll = -(lp * mask).sum() / mask.sum()
+    nll.backward()
+    torch.testing.assert_close(hk.grad, hr.grad.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(wk.grad, wr.grad.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_cold_start_learns_the_demonstrations_and_becomes_the_reference(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "demo-test", "--cold-start-steps", "6", "--cold-start-lr", "1e-2",
+                     "--beta", "0.05", "--steps", "1")) == 0
+    log = records(out / "cold_start.jsonl")
+    assert [r["cold_start_step"] for r in log] == list(range(1, 7))
+    assert all(r["demonstrations"] == 4 and r["lr"] == 1e-2 and not r["skipped_update"] for r in log)
+    assert log[-1]["nll"] < 0.6 * log[0]["nll"]  # the same two answers every step: learnt
+    evals = records(out / "eval.jsonl")
+    assert [(e["step"], e.get("after_cold_start", False)) for e in evals] == [(0, False), (0, True), (1, False)]
+    # The KL reference is the model after the cold start: at step 1 the policy still equals it.
+    step = records(out / "metrics.jsonl")[0]
+    assert step["kl"] is not None and 0 <= step["kl"] < 1e-6
+    cold, _ = rlvr_fast.load_pretrained(out / "cold-start")
+    initial, _ = rlvr_fast.load_pretrained(tiny)
+    w = lambda m: m.model.layers[0].mlp.up_proj.weight
+    assert (w(cold) - w(initial)).abs().max() > 1e-3
+
+
+def test_resume_after_a_cold_start_equals_a_straight_run(tiny, tmp_path):
+    """The resumed run skips the cold start and takes its KL reference from OUTPUT/cold-start: were it the
+    initial model, the KL term and so the weights would differ."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--task", "demo-test", "--cold-start-steps", "2", "--cold-start-lr", "3e-3", "--beta", "0.5")
+    assert main(args(tiny, straight, *common, "--steps", "3")) == 0
+    assert main(args(tiny, split, *common, "--steps", "1")) == 0
+    assert main(["--resume", str(split), "--steps", "3"]) == 0
+    assert len(records(split / "cold_start.jsonl")) == 2
+    a, _ = rlvr_fast.load_pretrained(straight / "checkpoint-3")
+    b, _ = rlvr_fast.load_pretrained(split / "checkpoint-3")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    drop = ("time", "tokens_per_s", "peak_memory")
+    clean = lambda path: [{k: v for k, v in r.items() if not any(d in k for d in drop)}
+                          for r in records(path / "metrics.jsonl")]
+    assert clean(straight) == clean(split) and records(split / "metrics.jsonl")[-1]["kl"] > 0
+
+
+def test_a_task_without_demonstrations_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="demonstrations"):
+        main(args(tiny, tmp_path / "run", "--task", "digits-test", "--cold-start-steps", "2", "--steps", "1"))
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_cold_start_with_lora_and_a_kl_reference_is_refused(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--task", "demo-test", "--cold-start-steps", "2", "--lora-rank", "4",
+                  "--steps", "1"))
+    assert "--cold-start-steps with --lora-rank" in capsys.readouterr().err
+    # With --beta 0 there is no reference to disagree with: LoRA adapters take the cold start.
+    assert main(args(tiny, tmp_path / "ok", "--task", "demo-test", "--cold-start-steps", "2", "--lora-rank", "4",
+                     "--beta", "0", "--steps", "1")) == 0
+    assert len(records(tmp_path / "ok" / "cold_start.jsonl")) == 2
+
+
+def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkeypatch):
+    """Whatever GRPO variant the run uses, the cold start's calls are the plain NLL setting."""
+    from rlvr_fast.grpo import trainer as trainer_mod
+    seen = []
+    real = trainer_mod.fused_linear_grpo_loss
+
+    def spy(*a, **kw):
+        seen.append({**kw, "old": a[3], "ref": a[4], "adv": a[5]})
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", spy)
+    assert main(args(tiny, tmp_path / "run", "--task", "demo-test", "--cold-start-steps", "2", "--steps", "1",
+                     "--loss-type", "dapo", "--ratio-level", "sequence", "--tis-cap", "2", "--entropy-coef", "0.01",
+                     "--delta", "3", "--beta", "0.1", "--num-iterations", "2")) == 0
+    n_cold = len(seen) - sum(1 for kw in seen if kw["loss_type"] == "dapo")
+    cold, grpo = seen[:n_cold], seen[n_cold:]
+    assert cold and grpo
+    for kw in cold:
+        assert (kw["loss_type"], kw["beta"], kw["ratio_level"], kw["delta"], kw["tis_cap"], kw["entropy_coef"]) == \
+            ("bnpo", 0.0, "token", None, None, 0.0)
+        assert kw["old"] is None and kw["ref"] is None and bool((kw["adv"] == 1).all())
+    assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
