@@ -14,6 +14,7 @@ import time
 from rlvr_fast.tasks import Problem, register_task
 from rlvr_fast.train import main
 from tests.test_train import DigitsTask  # registers digits-test
+from tests import test_cold_start  # noqa: F401  (registers demo-test)
 
 
 class FailingRankTask(DigitsTask):

@@ -127,6 +127,23 @@ def test_two_ranks_equal_one_process_with_dapo_gspo_tis(tiny, tmp_path):
     assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
 
 
+@pytest.mark.parametrize("shard", ["none", "fsdp"])
+def test_two_ranks_cold_start_equals_one_process(tiny, tmp_path, shard):
+    """Each rank trains its share of the demonstrations; the KL reference and OUTPUT/cold-start are the model
+    the cold start leaves, gathered from the shards with FSDP."""
+    variant = ("--task", "demo-test", "--prompts-per-step", "4", "--cold-start-steps", "2", "--cold-start-lr", "1e-2",
+               "--beta", "0.05", "--steps", "2")
+    assert main(args(tiny, tmp_path / "one", *variant)) == 0
+    run_ok(args(tiny, tmp_path / "two", *variant, "--shard", shard, "--dist-timeout", "60"))
+    cold = lambda path: [json.loads(line) for line in (path / "cold_start.jsonl").read_text().splitlines()]
+    for got, want in zip(cold(tmp_path / "two"), cold(tmp_path / "one"), strict=True):
+        assert got["demonstrations"] == want["demonstrations"] == 8
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-4)
+    assert_same_weights(tmp_path / "one" / "cold-start", tmp_path / "two" / "cold-start")
+    assert_same_metrics(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
+
+
 def test_each_rank_takes_a_contiguous_share():
     assert [Dist(rank=r, world_size=2).local_slice(8) for r in range(2)] == [slice(0, 4), slice(4, 8)]
     # Evaluation problems need not split evenly: the first ranks take one more.
