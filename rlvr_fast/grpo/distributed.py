@@ -301,9 +301,7 @@ class Dist:
                 checkpointing.save_checkpoint(output, step, model, tokenizer, state)
             self.barrier()  # no rank goes on before the checkpoint is complete
             return path
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = self._full_state_dict(model)
         optimizer = state.pop("optimizer")
 
         def write_shards(path: Path) -> None:
@@ -321,13 +319,16 @@ class Dist:
 
     def save_model(self, model, tokenizer, path: Path) -> None:
         """Rank 0 writes the HF-layout model to path (with FSDP, gathered from all ranks to its CPU)."""
-        full = None
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = self._full_state_dict(model) if self.fsdp else None
         if self.is_main:
             save_pretrained(model, tokenizer, path, state_dict=full)  # atomic on its own
         self.barrier()
+
+    @staticmethod
+    def _full_state_dict(model) -> dict[str, torch.Tensor]:
+        """FSDP: every rank takes part; the unsharded weights land on CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state(self, checkpoint: Path) -> dict[str, Any]:
         """The trainer state of `checkpoint` for this rank (with FSDP, its optimizer shard)."""

@@ -104,8 +104,7 @@ class GRPOTrainer:
             kv_cache_bytes=self.engine.num_blocks * kv_bytes_per_block(model, self.engine.block_size))
         self.dist.print(self.memory_estimate.table())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
-        self.optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
+        self.optimizer = self._adamw(cfg.lr)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
         self.step = 0
         self.cold_start_done = 0  # cold-start steps taken
@@ -123,6 +122,10 @@ class GRPOTrainer:
         self.samples = self.dist.writer(output / "samples.jsonl")
         self.evals = self.dist.writer(output / "eval.jsonl")
         self.cold_start_log = self.dist.writer(output / "cold_start.jsonl")
+
+    def _adamw(self, lr: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.master.master_params, lr=lr, weight_decay=self.cfg.weight_decay,
+                                 betas=(0.9, 0.99), eps=1e-8)
 
     def _cache_blocks(self, block_size: int = 16) -> int:
         """KV blocks for one step's rollout (or one evaluation) at once, with a margin: the pool is
@@ -230,6 +233,17 @@ class GRPOTrainer:
             out[s.index, :len(s.rollout_logprobs)] = torch.tensor(s.rollout_logprobs)
         return out.to(self.device)
 
+    def pack(self, samples: list[Sample]) -> tuple[list[MicroBatch], int, int]:
+        """This rank's samples as micro-batches under the token budget, and the completions and completion
+        tokens of all ranks together (the loss weights are global)."""
+        cfg = self.cfg
+        micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
+                         for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
+        self.dist.plan_passes(len(micro_batches))
+        local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
+        num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))
+        return micro_batches, num_samples, num_tokens
+
     def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
                rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int,
                measure_gap: bool = True, supervised: bool = False) -> dict[str, float]:
@@ -324,16 +338,12 @@ class GRPOTrainer:
                    for i in range(mine.start, mine.stop) if not zero_std[i] for j, c in enumerate(ro.completions[i])]
         for k, s in enumerate(samples):
             s.index = k
-        micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
-                         for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
+        micro_batches, num_samples, num_tokens = self.pack(samples)
         t_ref = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
         rollout_gap = None
-        self.dist.plan_passes(len(micro_batches))
-        local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
-        num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))  # the loss weights are global
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
@@ -412,8 +422,7 @@ class GRPOTrainer:
         if eos is None:
             raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with")
         rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
-        self.cold_start_optimizer = torch.optim.AdamW(self.master.master_params, lr=cfg.cold_start_lr,
-                                                      weight_decay=cfg.weight_decay, betas=(0.9, 0.99), eps=1e-8)
+        self.cold_start_optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:
             t0 = time.perf_counter()
             demos = self.task.demonstrations(rng, cfg.prompts_per_step)  # the same on every rank
@@ -423,11 +432,7 @@ class GRPOTrainer:
                 for text in texts:
                     ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
                     samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
-            micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
-                             for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
-            self.dist.plan_passes(len(micro_batches))
-            local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
-            num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))
+            micro_batches, num_samples, num_tokens = self.pack(samples)
             upd = self.update(micro_batches, None, None, None, num_samples, num_tokens, measure_gap=False,
                               supervised=True)
             self.cold_start_done += 1
