@@ -139,3 +139,12 @@ def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkey
             ("bnpo", 0.0, "token", None, None, 0.0)
         assert kw["old"] is None and kw["ref"] is None and bool((kw["adv"] == 1).all())
     assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
+
+
+@pytest.mark.parametrize("bad,message", [(["--cold-start-steps", "-1"], "--cold-start-steps must be >= 0"),
+                                         (["--cold-start-lr", "0"], "--cold-start-lr must be a positive number")])
+def test_bad_cold_start_options_fail_before_work(tiny, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--task", "demo-test", "--steps", "1", *bad))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
