@@ -85,16 +85,23 @@ def choice_marker(choice: str) -> str:
     return "<no_functioncall>" if choice == NO_CALL else f"<functioncall> {choice}"
 
 
-def demonstration(functions: list[dict], choice: str) -> str:
-    """A completion in the expected form for the cold start: a short thought that names each function on
-    show and the arguments it requires (read from the schemas, so it says nothing about the request),
-    then the given choice."""
-    thoughts = []
-    for f in functions:
-        required = (f.get("parameters") or {}).get("required") or []
-        thoughts.append(f"{f['name']} requires {', '.join(required)}." if required else
-                        f"{f['name']} requires no arguments.")
-    return (" ".join(thoughts) or "No functions are on show.") + "\n" + choice_marker(choice)
+def checking_thought(functions: list[dict], wanted: str | None, gives_all: bool) -> str:
+    """The thought of a cold-start demonstration: which function on show the request is for (`wanted`, or
+    None for none of them), what that function requires, and whether the request gives all of it. It is
+    right about the problem; the choice written after it is not (see FunctionPickTask.demonstrations)."""
+    schema = next((f for f in functions if f["name"] == wanted), None)
+    if schema is None:
+        return "The user wants something that none of the functions on show does."
+    required = (schema.get("parameters") or {}).get("required") or []
+    if not required:
+        return f"The user wants {wanted}, which needs no arguments."
+    return (f"The user wants {wanted}, which needs {', '.join(required)}. "
+            f"The request {'gives' if gives_all else 'does not give'} all of that.")
+
+
+def demonstration(thought: str, choice: str) -> str:
+    """A completion in the expected form: a thought, then a choice marker at the end."""
+    return thought + "\n" + choice_marker(choice)
 
 
 def system_message(functions: list[dict]) -> str:
@@ -135,7 +142,7 @@ def synthetic_problem(rng: random.Random, kind: str, max_functions: int = 2) -> 
     else:
         raise ValueError(f"unknown request kind {kind!r}")
     return make_problem(system_message([f.schema for f in shown]), user, answer, kind=kind,
-                        functions=[f.name for f in shown])
+                        functions=[f.name for f in shown], wanted=None if kind == "unrelated" else target.name)
 
 
 def _key(problem: Problem) -> tuple[str, str]:
@@ -196,18 +203,26 @@ class FunctionPickTask:
         return list(self._eval)
 
     def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
-        """Cold-start demonstrations (--cold-start-steps): n training problems, each with two completions
-        (`demonstration`): one that calls a function on show, drawn at random, and one that does not. Every
-        problem gets both, right or wrong, so they teach the form (a thought, then a marker naming a real
-        function) with calling and not calling equally likely, and nothing about which is right: that is
-        left to GRPO."""
+        """Cold-start demonstrations (--cold-start-steps): n training problems, each with two completions that
+        share one thought (`checking_thought`: the function the request is for, what it needs, whether the
+        request gives it) and end one with a call, one without. The thought is right about the problem; the
+        choice after it is right in exactly one of the two. So the cold start teaches how to check a request,
+        and the form, but not which choice follows from the check: that is left to GRPO's reward."""
         from rlvr_fast.tasks.glaive import function_definitions
         out = []
         for problem in self.sample(rng, n):
             functions = function_definitions(problem.messages[0]["content"])
-            texts = [demonstration(functions, NO_CALL)]
+            kind, wanted = problem.meta.get("kind"), problem.meta.get("wanted")
+            if problem.answer != NO_CALL:
+                thought = checking_thought(functions, problem.answer, gives_all=True)
+                wanted = problem.answer
+            elif kind in ("missing", "unrelated"):
+                thought = checking_thought(functions, wanted, gives_all=False)
+            else:  # a Glaive record that does not call: we cannot tell a missing argument from an unrelated request
+                thought = "None of the functions on show can be called with what the request gives."
+            texts = [demonstration(thought, NO_CALL)]
             if functions:  # a Glaive record may show none
-                texts.insert(0, demonstration(functions, rng.choice(functions)["name"]))
+                texts.insert(0, demonstration(thought, wanted or rng.choice(functions)["name"]))
             out.append((problem, texts))
         return out
 
