@@ -106,6 +106,21 @@ def test_a_task_without_demonstrations_is_refused(tiny, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # before any work
 
 
+def test_a_tokenizer_without_eos_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    """The demonstrations end with EOS; without one the run stops at once with what to do."""
+    real = rlvr_fast.load_pretrained
+
+    def no_eos(*a, **kw):
+        model, tok = real(*a, **kw)
+        tok.eos_token_id = None
+        return model, tok
+
+    monkeypatch.setattr(rlvr_fast, "load_pretrained", no_eos)
+    with pytest.raises(SystemExit, match="no EOS token .* eos_token, or drop --cold-start-steps"):
+        main(args(tiny, tmp_path / "run", "--task", "demo-test", "--cold-start-steps", "2", "--steps", "1"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_cold_start_with_lora_and_a_kl_reference_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(args(tiny, tmp_path / "run", "--task", "demo-test", "--cold-start-steps", "2", "--lora-rank", "4",

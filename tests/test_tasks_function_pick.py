@@ -223,56 +223,48 @@ def test_glaive_file_with_nothing_readable(tmp_path):
         FunctionPickTask(data=str(path))
 
 
-def test_demonstrations_check_the_request_and_show_every_choice_alike(tmp_path):
-    """Cold-start demonstrations: per training problem one thought that is right about the request (the function
-    it is for, what that needs, whether the request gives it), then one call and one no call, so they teach the
-    check and the form but the choice after the check is right exactly half the time."""
+def test_demonstrations_check_the_request_then_choose_right(tmp_path):
+    """Cold-start demonstrations: per training problem one right completion, a thought that checks the request
+    (the function it is for, what that needs, whether the request gives it), then the choice that follows."""
     task = FunctionPickTask(eval_size=16)
     demos = task.demonstrations(random.Random(3), 200)
     assert [t for _, t in demos] == [t for _, t in task.demonstrations(random.Random(3), 200)]  # deterministic
     held = {(p.messages[0]["content"], p.messages[1]["content"]) for p in task.eval_problems()}
     schemas = {f.name: f.schema for f in CATALOGUE}
-    right, kinds = 0, set()
+    kinds = []
     for problem, texts in demos:
         assert (problem.messages[0]["content"], problem.messages[1]["content"]) not in held
         kind, shown, wanted = problem.meta["kind"], problem.meta["functions"], problem.meta["wanted"]
-        kinds.add(kind)
-        assert len(texts) == 2
-        (called, call_at_end), (none, none_at_end) = (final_choice(t) for t in texts)
-        assert none == NO_CALL and call_at_end and none_at_end
-        thought = texts[0].split("\n")[0]
-        assert texts[1].split("\n")[0] == thought  # the same thought, either way
+        kinds.append(kind)
+        [text] = texts
+        assert function_pick_reward(text, problem.answer)["correct"] == 1.0
+        assert function_pick_reward(text, problem.answer)["format"] == 1.0
+        thought, marker = text.split("\n")
         if kind == "unrelated":
-            assert wanted is None and called in shown
+            assert wanted is None and marker == "<no_functioncall>"
             assert thought == "The user wants something that none of the functions on show does."
-        else:
-            assert called == wanted and wanted in shown  # the call names the function the thought is about
-            required = schemas[wanted]["parameters"]["required"]
-            assert thought.startswith(f"The user wants {wanted}, which needs {', '.join(required)}. ")
-            assert thought.endswith("The request gives all of that." if kind == "call" else
-                                    "The request does not give all of that.")
-        for t in texts:
-            assert function_pick_reward(t, problem.answer)["format"] == 1.0
-        # Exactly one of the two choices is right, whatever the kind.
-        assert sum(function_pick_reward(t, problem.answer)["correct"] for t in texts) == 1
-        right += function_pick_reward(texts[0], problem.answer)["correct"]
-    assert kinds == {"call", "missing", "unrelated"}
-    assert right == sum(p.answer != NO_CALL for p, _ in demos) == len(demos) // 2  # balanced batches
+            continue
+        assert wanted in shown
+        required = schemas[wanted]["parameters"]["required"]
+        verdict = "The request gives all of that." if kind == "call" else "Some of that is missing from the request."
+        assert thought == f"The user wants {wanted}, which needs {', '.join(required)}. {verdict}"
+        assert marker == (f"<functioncall> {wanted}" if kind == "call" else "<no_functioncall>")
+    # Balanced batches: half calls, the non-calls split between the two kinds.
+    assert (kinds.count("call"), kinds.count("missing"), kinds.count("unrelated")) == (100, 50, 50)
 
 
 def test_demonstrations_from_glaive_data(tmp_path):
     path = tmp_path / "glaive.json"
     path.write_text(json.dumps(GOOD * 4))
     task = FunctionPickTask(data=str(path), eval_size=1)
-    for problem, texts in task.demonstrations(random.Random(0), 6):
-        shown = problem.meta["functions"]
-        assert [final_choice(t)[0] for t in texts][-1] == NO_CALL
-        assert len(texts) == (2 if shown else 1)  # a record without functions can only not call
-        if problem.answer != NO_CALL:  # the thought is about the function the record calls, and says it can
+    answers = set()
+    for problem, [text] in task.demonstrations(random.Random(0), 6):
+        answers.add(problem.answer)
+        assert function_pick_reward(text, problem.answer)["correct"] == 1.0
+        if problem.answer != NO_CALL:  # the thought is about the function the record calls
             assert problem.answer == "get_current_weather"  # the only call record of GOOD
-            assert texts[0] == ("The user wants get_current_weather, which needs city. The request gives all of that.\n"
-                                "<functioncall> get_current_weather")
+            assert text == ("The user wants get_current_weather, which needs city. The request gives all of that.\n"
+                            "<functioncall> get_current_weather")
         else:  # a Glaive non-call does not say whether an argument is missing or the request is unrelated
-            assert texts[-1] == "None of the functions on show can be called with what the request gives.\n<no_functioncall>"
-        if shown and problem.answer == NO_CALL:
-            assert final_choice(texts[0])[0] in shown
+            assert text == "None of the functions on show can be called with what the request gives.\n<no_functioncall>"
+    assert answers == {"get_current_weather", NO_CALL}

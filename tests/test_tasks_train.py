@@ -34,6 +34,7 @@ def records(path):
 def test_multiply(tiny, tmp_path):
     assert main(args(tiny, tmp_path / "run", "--task", "multiply")) == 0
     assert [m["step"] for m in records(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert all("by_kind" not in e for e in records(tmp_path / "run" / "eval.jsonl"))  # its problems have no kind
 
 
 def test_function_pick_synthetic(tiny, tmp_path):
@@ -48,7 +49,11 @@ def test_function_pick_synthetic(tiny, tmp_path):
     evals = records(out / "eval.jsonl")
     assert [(e["step"], e.get("after_cold_start", False)) for e in evals] == [(0, False), (0, True), (2, False)]
     assert "no_choice" in evals[0]["components"]
-    assert [r["demonstrations"] for r in records(out / "cold_start.jsonl")] == [4, 4]  # 2 problems x (call, no call)
+    for e in evals:  # accuracy per request kind, over the problems of that kind
+        kinds = e["by_kind"]
+        assert set(kinds) <= {"call", "missing", "unrelated"} and sum(k["size"] for k in kinds.values()) == 3
+        assert abs(sum(k["size"] * k["accuracy"] for k in kinds.values()) / 3 - e["accuracy"]) < 1e-9
+    assert [r["demonstrations"] for r in records(out / "cold_start.jsonl")] == [2, 2]  # 2 problems x 1 right completion
     assert (out / "checkpoint-2").is_dir()
 
 

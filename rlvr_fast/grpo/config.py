@@ -52,9 +52,8 @@ class TrainConfig:
     temperature: float = opt(0.8, "sampling temperature for rollouts")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
     # cold start (trainer.py: cold_start)
-    cold_start_steps: int = opt(0, "supervised steps on the task's format demonstrations before GRPO (DeepSeek-R1's "
-                                   "cold start; function-pick's check the request, then show calling and not calling alike, "
-                                   "so the choice is left to GRPO); the KL reference is the model after them")
+    cold_start_steps: int = opt(0, "supervised steps on the task's demonstrations before GRPO (DeepSeek-R1's "
+                                   "cold start); the KL reference is the model after them")
     cold_start_lr: float = opt(1e-4, "learning rate of the cold-start steps (constant, their own AdamW)")
     # objective
     lr: float = opt(3e-5, "peak learning rate (AdamW)")

@@ -14,9 +14,9 @@
    big batch, clipping, AdamW with warm-up; with bf16 weights the optimizer steps fp32 masters
    (precision.py).
 
-Before step 1, --cold-start-steps supervised steps on the task's format demonstrations (the cold
-start of DeepSeek-R1) can teach a small model the answer's form, so that GRPO has rewarded samples
-to compare; the KL reference is then the model after them (`cold_start`).
+Before step 1, --cold-start-steps supervised steps on the task's demonstrations (the cold start of
+DeepSeek-R1) can teach a small model the answer's form and a way to reason towards it, so that GRPO
+has rewarded samples to compare; the KL reference is then the model after them (`cold_start`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class Rollout:
 
 def check_cold_start(cfg: TrainConfig, task) -> None:
     if cfg.cold_start_steps and not hasattr(task, "demonstrations"):
-        raise ValueError(f"--cold-start-steps needs a task with format demonstrations (a method demonstrations(rng, n), "
+        raise ValueError(f"--cold-start-steps needs a task with demonstrations (a method demonstrations(rng, n), "
                          f"see FunctionPickTask); task {task.name!r} has none: drop --cold-start-steps")
 
 
@@ -418,9 +418,7 @@ class GRPOTrainer:
         optimizer starts fresh. The KL reference then becomes the model as it is now; a copy goes to
         OUTPUT/cold-start, where a resumed run reads its reference."""
         cfg = self.cfg
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with")
+        eos = self.tokenizer.eos_token_id  # train.py refuses a tokenizer without one before any work
         rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
         self.cold_start_optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:
@@ -466,6 +464,12 @@ class GRPOTrainer:
                   # every component's mean, e.g. function-pick's confusion cells
                   "components": {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in sorted({k for c in comps for k in c})},
                   "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts}
+        by_kind: dict[str, list[float]] = {}  # problems that say what kind they are (function-pick's requests)
+        for problem, c in zip(ro.problems, comps):
+            if "kind" in problem.meta:
+                by_kind.setdefault(str(problem.meta["kind"]), []).append(c.get("correct", 0.0))
+        if by_kind:
+            result["by_kind"] = {k: {"size": len(v), "accuracy": sum(v) / len(v)} for k, v in by_kind.items()}
         if self.step == 0 and self.cold_start_done:
             result["after_cold_start"] = True
         self.evals.write(result)
@@ -487,6 +491,9 @@ class GRPOTrainer:
             others = {k: v for k, v in r["components"].items() if k not in ("correct", "format")}
             if others:
                 self.dist.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
+            if "by_kind" in r:
+                self.dist.print("  accuracy by kind: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['size']})"
+                                                                   for k, v in r["by_kind"].items()))
         if self.dist.is_main:
             write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
         return results

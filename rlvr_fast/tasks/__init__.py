@@ -65,9 +65,10 @@ def _jsonl_task(cfg) -> RewardTask:
 
 register_task("multiply", _multiply_task)
 # Sized for the embedded 135M model on a 2-core CPU (README): prompts are ~270 tokens of function schemas.
-# The cold start teaches the markers, which that model almost never writes on its own.
+# The cold start teaches a short check of the request and the choice markers, which that model almost never
+# writes on its own.
 register_task("function-pick", _function_pick_task,
-              defaults={"max_new_tokens": 64, "lr": 2e-5, "eval_every": 0, "eval_size": 64, "cold_start_steps": 40})
+              defaults={"max_new_tokens": 64, "lr": 2e-5, "eval_every": 0, "eval_size": 64, "cold_start_steps": 60})
 register_task("jsonl", _jsonl_task, defaults={"max_new_tokens": 256})
 
 __all__ = ["FunctionPickTask", "MultiplyTask", "Problem", "RewardTask", "TASKS", "Task", "make_task", "register_task",

@@ -87,16 +87,16 @@ def choice_marker(choice: str) -> str:
 
 def checking_thought(functions: list[dict], wanted: str | None, gives_all: bool) -> str:
     """The thought of a cold-start demonstration: which function on show the request is for (`wanted`, or
-    None for none of them), what that function requires, and whether the request gives all of it. It is
-    right about the problem; the choice written after it is not (see FunctionPickTask.demonstrations)."""
+    None for none of them), what that function requires, and whether the request gives all of it."""
     schema = next((f for f in functions if f["name"] == wanted), None)
     if schema is None:
         return "The user wants something that none of the functions on show does."
     required = (schema.get("parameters") or {}).get("required") or []
     if not required:
         return f"The user wants {wanted}, which needs no arguments."
-    return (f"The user wants {wanted}, which needs {', '.join(required)}. "
-            f"The request {'gives' if gives_all else 'does not give'} all of that.")
+    # The two verdicts differ from their first word: a small model tells them apart more easily.
+    verdict = "The request gives all of that." if gives_all else "Some of that is missing from the request."
+    return f"The user wants {wanted}, which needs {', '.join(required)}. {verdict}"
 
 
 def demonstration(thought: str, choice: str) -> str:
@@ -203,27 +203,21 @@ class FunctionPickTask:
         return list(self._eval)
 
     def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
-        """Cold-start demonstrations (--cold-start-steps): n training problems, each with two completions that
-        share one thought (`checking_thought`: the function the request is for, what it needs, whether the
-        request gives it) and end one with a call, one without. The thought is right about the problem; the
-        choice after it is right in exactly one of the two. So the cold start teaches how to check a request,
-        and the form, but not which choice follows from the check: that is left to GRPO's reward."""
+        """Cold-start demonstrations (--cold-start-steps), as DeepSeek-R1's cold start: n training problems,
+        each with one right completion, a short check of the request (`checking_thought`) and then the choice
+        that follows from it. The synthetic generator knows each request's kind; a Glaive record only whether
+        it calls, so its non-calls get one thought that covers both reasons not to call."""
         from rlvr_fast.tasks.glaive import function_definitions
         out = []
         for problem in self.sample(rng, n):
             functions = function_definitions(problem.messages[0]["content"])
-            kind, wanted = problem.meta.get("kind"), problem.meta.get("wanted")
             if problem.answer != NO_CALL:
                 thought = checking_thought(functions, problem.answer, gives_all=True)
-                wanted = problem.answer
-            elif kind in ("missing", "unrelated"):
-                thought = checking_thought(functions, wanted, gives_all=False)
-            else:  # a Glaive record that does not call: we cannot tell a missing argument from an unrelated request
+            elif problem.meta.get("kind") in ("missing", "unrelated"):
+                thought = checking_thought(functions, problem.meta["wanted"], gives_all=False)
+            else:
                 thought = "None of the functions on show can be called with what the request gives."
-            texts = [demonstration(thought, NO_CALL)]
-            if functions:  # a Glaive record may show none
-                texts.insert(0, demonstration(thought, wanted or rng.choice(functions)["name"]))
-            out.append((problem, texts))
+            out.append((problem, [demonstration(thought, problem.answer)]))
         return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
