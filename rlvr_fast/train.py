@@ -159,7 +159,6 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
     from rlvr_fast.tasks import make_task
     try:
         task = make_task(cfg)
-        check_cold_start(cfg, task)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     try:
@@ -176,9 +175,10 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         model, tokenizer = rlvr_fast.load_pretrained(weights, device=device, dtype=dtype)
     except (rlvr_fast.CheckpointError, rlvr_fast.TokenizerError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
-    if cfg.cold_start_steps and tokenizer.eos_token_id is None:  # refused before any work, not at step 0
-        raise SystemExit("error: --cold-start-steps: the tokenizer has no EOS token to end the demonstrations with; "
-                         "give the model's tokenizer_config.json an eos_token, or drop --cold-start-steps")
+    try:
+        check_cold_start(cfg, task, tokenizer)  # before any output is written
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     if dist.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))

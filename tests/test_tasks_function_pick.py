@@ -223,7 +223,7 @@ def test_glaive_file_with_nothing_readable(tmp_path):
         FunctionPickTask(data=str(path))
 
 
-def test_demonstrations_check_the_request_then_choose_right(tmp_path):
+def test_demonstrations_check_the_request_then_choose_right():
     """Cold-start demonstrations: per training problem one right completion, a thought that checks the request
     (the function it is for, what that needs, whether the request gives it), then the choice that follows."""
     task = FunctionPickTask(eval_size=16)

@@ -74,10 +74,15 @@ class Rollout:
     seconds: float
 
 
-def check_cold_start(cfg: TrainConfig, task) -> None:
-    if cfg.cold_start_steps and not hasattr(task, "demonstrations"):
+def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
+    if not cfg.cold_start_steps:
+        return
+    if not hasattr(task, "demonstrations"):
         raise ValueError(f"--cold-start-steps needs a task with demonstrations (a method demonstrations(rng, n), "
                          f"see FunctionPickTask); task {task.name!r} has none: drop --cold-start-steps")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with; "
+                         "give the model's tokenizer_config.json an eos_token, or drop --cold-start-steps")
 
 
 class GRPOTrainer:
@@ -109,7 +114,7 @@ class GRPOTrainer:
         self.step = 0
         self.cold_start_done = 0  # cold-start steps taken
         self.cold_start_optimizer = None
-        check_cold_start(cfg, task)
+        check_cold_start(cfg, task, tokenizer)
         self.bad_steps = 0
         self.reward_error_shown = False
         # Tasks with user rewards hand over a picklable `scorer`: it runs in worker processes with a time
@@ -418,7 +423,7 @@ class GRPOTrainer:
         optimizer starts fresh. The KL reference then becomes the model as it is now; a copy goes to
         OUTPUT/cold-start, where a resumed run reads its reference."""
         cfg = self.cfg
-        eos = self.tokenizer.eos_token_id  # train.py refuses a tokenizer without one before any work
+        eos = self.tokenizer.eos_token_id  # check_cold_start refused a tokenizer without one
         rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
         self.cold_start_optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:

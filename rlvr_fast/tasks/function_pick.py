@@ -99,11 +99,6 @@ def checking_thought(functions: list[dict], wanted: str | None, gives_all: bool)
     return f"The user wants {wanted}, which needs {', '.join(required)}. {verdict}"
 
 
-def demonstration(thought: str, choice: str) -> str:
-    """A completion in the expected form: a thought, then a choice marker at the end."""
-    return thought + "\n" + choice_marker(choice)
-
-
 def system_message(functions: list[dict]) -> str:
     return "\n".join([PREAMBLE, *(json.dumps(f, indent=4) for f in functions), INSTRUCTION])
 
@@ -217,7 +212,7 @@ class FunctionPickTask:
                 thought = checking_thought(functions, problem.meta["wanted"], gives_all=False)
             else:
                 thought = "None of the functions on show can be called with what the request gives."
-            out.append((problem, [demonstration(thought, problem.answer)]))
+            out.append((problem, [thought + "\n" + choice_marker(problem.answer)]))
         return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
