@@ -307,7 +307,7 @@ def main() -> None:
     load_end = os.getloadavg()
     total = time.perf_counter() - t_start
 
-    from common import markdown_table, ratio
+    from benchlib import markdown_table, ratio
 
     baselines = {"EOS": results.get("TRL"), "noeos": results.get("TRL, EOS ignored")}
     rows, details = [], []
@@ -369,17 +369,17 @@ def main() -> None:
     if missing:
         body += f"\n\nTRL not measured: {missing}."
 
-    import common
+    import benchlib
 
-    base_versions = common.versions()
+    base_versions = benchlib.versions()
     extra_versions = []
     for mod in ("transformers", "trl", "accelerate", "datasets"):
         try:
             extra_versions.append(f"{mod} {__import__(mod).__version__}")
         except Exception:
             extra_versions.append(f"{mod} not installed")
-    common.versions = lambda: base_versions + ", " + ", ".join(extra_versions)  # header line of this section only
-    common.MEMORY_METHOD["e2e"] = (
+    benchlib.versions = lambda: base_versions + ", " + ", ".join(extra_versions)  # header line of this section only
+    benchlib.MEMORY_METHOD["e2e"] = (
         f"here not interleaved: each variant in its own fresh process, run one after another in the order of the "
         f"table; 1 warm-up step then {args.steps} timed steps (ours: train_step() wall time; TRL: TrainerCallback "
         f"on_step_begin -> on_step_end); peak memory = peak RSS of that process (getrusage ru_maxrss, model "
@@ -388,7 +388,7 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        print(common.append_results("GRPO step: ours vs TRL GRPOTrainer", body, "e2e"))
+        print(benchlib.append_results("GRPO step: ours vs TRL GRPOTrainer", body, "e2e"))
 
 
 if __name__ == "__main__":

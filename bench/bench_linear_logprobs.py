@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
 
 VARIANTS = ["naive", "compiled", "ours", "matmuls"]
 MODES = ["fwd", "fwdbwd"]
@@ -101,7 +101,7 @@ def main():
 
 if __name__ == "__main__":
     if "--child" in sys.argv:
-        from common import child
+        from benchlib import child
         child(make)
     else:
         main()

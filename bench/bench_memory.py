@@ -189,7 +189,7 @@ def gb(n: float) -> str:
 
 
 def compare(args: argparse.Namespace) -> tuple[str, str, str]:
-    from common import markdown_table, ratio
+    from benchlib import markdown_table, ratio
 
     results = {}
     for v in args.variants.split(","):
@@ -235,7 +235,7 @@ def compare(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def grow(args: argparse.Namespace) -> tuple[str, str, str]:
-    from common import markdown_table
+    from benchlib import markdown_table
 
     rows, largest = [], None
     for shape in args.shapes.split(","):
@@ -301,7 +301,7 @@ def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
 
     import rlvr_fast
     import rlvr_fast.model.llama as llama_mod
-    from common import markdown_table
+    from benchlib import markdown_table
     from rlvr_fast.checkpoint.default_model import default_model_dir
     from rlvr_fast.model.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
     from rlvr_fast.tasks.multiply import MultiplyTask
@@ -397,11 +397,11 @@ def main() -> None:
     load_end = os.getloadavg()
     body += (f"\n\nLoad average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (machine shared); "
              f"total {(time.perf_counter() - t0) / 60:.1f} min.")
-    import common
+    import benchlib
     if args.no_append:
         print(body)
     else:
-        print(common.append_results(title, body, args.device.split(":")[0], method=method))
+        print(benchlib.append_results(title, body, args.device.split(":")[0], method=method))
 
 
 if __name__ == "__main__":

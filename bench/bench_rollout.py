@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, markdown_table  # noqa: E402
+from benchlib import append_results, markdown_table  # noqa: E402
 
 import rlvr_fast  # noqa: E402
 from rlvr_fast import RolloutEngine, SamplingParams  # noqa: E402

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, markdown_table  # noqa: E402
+from benchlib import append_results, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

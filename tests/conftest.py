@@ -15,6 +15,24 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Printed at the top of every run (CI included), so a red run caused by a new upstream release is
+# recognisable at a glance.
+VERSIONS_OF = ("torch", "triton", "transformers", "peft", "kernels", "trl", "safetensors", "tokenizers")
+
+
+def pytest_sessionstart(session):
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    line = "versions: " + ", ".join(f"{name} {of(name)}" for name in VERSIONS_OF)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # written in -q mode too, unlike a report header
+        reporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def default_model_path():

@@ -19,7 +19,7 @@ its math path, the CPU rollout's packed weight copies (alive only while generati
 
 `peak_memory_bytes` after `reset_peak_memory` gives the peak of one step: CUDA's max allocated
 bytes (reset per step), or on Linux the process's peak resident set (VmHWM, reset by writing "5"
-to /proc/self/clear_refs, the same method bench/common.py uses). Where that reset is not possible
+to /proc/self/clear_refs, the same method bench/benchlib.py uses). Where that reset is not possible
 the CPU figure is the peak RSS of the whole process so far (getrusage), and `peak_memory_scope`
 says "process" instead of "step".
 """
