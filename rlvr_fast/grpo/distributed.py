@@ -292,8 +292,8 @@ class Dist:
 
     def save_checkpoint(self, output: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
         """Rank 0 writes the HF-layout weights (with FSDP, gathered from all ranks to its CPU) and the
-        trainer state. With FSDP each rank also writes its optimizer shard, before rank 0 writes
-        trainer_state.pt, which marks the checkpoint complete."""
+        trainer state. With FSDP each rank also writes its optimizer shard into the staging directory,
+        before rank 0 writes the manifest and moves the checkpoint into place (checkpointing.py)."""
         path = output / f"checkpoint-{step}"
         state = {**state, "world_size": self.world_size, "shard": "fsdp" if self.fsdp else "none"}
         if not self.fsdp:
@@ -304,16 +304,16 @@ class Dist:
         full = self._full_state_dict(model)
         optimizer = state.pop("optimizer")
 
-        def write_shards(path: Path) -> None:
-            self.barrier()  # the weights are in place: every rank adds its shard
-            checkpointing.save_rank_state(path, self.rank, {"optimizer": optimizer, "world_size": self.world_size})
+        def write_shards(staging: Path) -> None:
+            self.barrier()  # the weights are in the staging directory: every rank adds its shard
+            checkpointing.save_rank_state(staging, self.rank, {"optimizer": optimizer, "world_size": self.world_size})
             self.barrier()
 
         if self.is_main:
             checkpointing.save_checkpoint(output, step, model, tokenizer, state, model_state=full,
-                                          before_state=write_shards)
+                                          before_manifest=write_shards)
         else:
-            write_shards(path)
+            write_shards(checkpointing.staging_dir(output, step))
         self.barrier()
         return path
 
