@@ -103,8 +103,8 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
     """Split the trainer state: entries holding tensors go to trainer_state.pt, the rest to trainer_state.json."""
     tensors = {k: v for k, v in state.items() if _holds_tensor(v)}
     meta = {k: v for k, v in state.items() if k not in tensors}
-    try:
-        text = json.dumps({"format": FORMAT, **meta}, indent=1)
+    try:  # one line per entry: readable, and the RNG state's 625 numbers stay on one
+        text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in {"format": FORMAT, **meta}.items()) + "\n}"
     except TypeError as exc:  # e.g. a task's state_dict() with a set or an object in it
         raise TypeError(f"trainer state must be JSON values and tensors ({exc}); a task's state_dict() must return "
                         "numbers, strings, lists and dicts") from None
