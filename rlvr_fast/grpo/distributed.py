@@ -194,7 +194,7 @@ class Dist:
             return False
         # torchrun sends SIGTERM to every rank once one has died; finish the message first (it
         # sends SIGKILL 30 s later).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _try(lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))  # (main thread only)
         store = _try(_store)  # None: no record, the other ranks fail on the closed connections or the timeout
         recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
         echo = bool(recorded) and not recorded.startswith((f"rank {self.rank} ", f"rank {self.rank}:"))
