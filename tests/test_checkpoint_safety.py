@@ -119,7 +119,8 @@ def test_fallback_to_the_last_good_checkpoint(run, capsys):
 
     assert main(["--resume", str(run), "--steps", "3"]) == 0
     out = capsys.readouterr()
-    assert f"warning: skipped checkpoint-3: {weights} is {size // 2} bytes, manifest.json says {size}: truncated" in out.err
+    skipped = f"warning: skipped checkpoint-3: {weights} is {size // 2} bytes, manifest.json says {size}: truncated"
+    assert skipped in out.err
     assert f"resumed from {run / 'checkpoint-2'} at step 2" in out.out
     assert metrics(run) == before  # step 3 again, as the first time
     checkpointing.verify_checkpoint(run / "checkpoint-3")  # written anew over the damaged one

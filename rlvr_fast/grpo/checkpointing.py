@@ -88,6 +88,8 @@ def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, 
         write_text_durably(output / LATEST, path.name + "\n")
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, TypeError):  # a bug (e.g. a task state that is not JSON), not a fault of the disk
+            raise
         latest = output / LATEST
         kept = f"{latest} still points to {latest.read_text().strip()}" if latest.is_file() else "no earlier checkpoint"
         raise CheckpointSaveError(f"could not write {path.name}: {type(exc).__name__}: {exc}. Is the disk full, or a "
@@ -104,12 +106,12 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
     tensors = {k: v for k, v in state.items() if _holds_tensor(v)}
     meta = {k: v for k, v in state.items() if k not in tensors}
     try:  # one line per entry: readable, and the RNG state's 625 numbers stay on one
-        text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in {"format": FORMAT, **meta}.items()) + "\n}"
+        lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in {"format": FORMAT, **meta}.items()]
     except TypeError as exc:  # e.g. a task's state_dict() with a set or an object in it
         raise TypeError(f"trainer state must be JSON values and tensors ({exc}); a task's state_dict() must return "
                         "numbers, strings, lists and dicts") from None
     torch.save(tensors, directory / STATE_TENSORS)
-    (directory / STATE_JSON).write_text(text + "\n")
+    (directory / STATE_JSON).write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def save_rank_state(directory: Path, rank: int, state: dict[str, Any]) -> None:
