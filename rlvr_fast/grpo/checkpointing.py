@@ -7,7 +7,8 @@ OUTPUT/checkpoint-STEP/ holds
     trainer_state.json   step, data position (the Python RNG state of the problem stream, a list of
                          ints), task state (curriculum level), bad-step count, cold-start progress,
                          the run's options, how many ranks saved it and how
-    trainer_state.pt     tensors only: optimizer state, fp32 master weights, torch's RNG state
+    trainer_state.pt     tensors only: optimizer state, fp32 master weights, torch's RNG state (a uint8
+                         tensor; training draws no NumPy random numbers, so there is no NumPy state)
     rank-R.pt            --shard fsdp: rank R's optimizer shard, tensors only
     manifest.json        every file above with its size and SHA-256, written last
 
