@@ -181,7 +181,10 @@ def test_every_file_is_flushed_before_the_rename_that_publishes_it(run, monkeypa
                         or real_fsync(fd))
     monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b))) or real_rename(a, b))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a), str(b))) or real_replace(a, b))
+    (run / ".checkpoint-7.partial").mkdir()  # a crashed save's leftovers: never resumed from, removed by the next save
+    (run / ".checkpoint-7.partial" / "model.safetensors").write_bytes(b"partial")
     assert main(["--resume", str(run), "--steps", "4"]) == 0
+    assert not (run / ".checkpoint-7.partial").exists()
     staging, final = str(run / ".checkpoint-4.partial"), str(run / "checkpoint-4")
     publish = events.index(("rename", staging, final))
     synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}

@@ -131,13 +131,16 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def _prune(output: Path, keep: int, current: Path) -> None:
-    """Remove all but the `keep` newest checkpoints up to the current step. Later ones (from before a
-    resume from an older checkpoint, or damaged ones a resume skipped) are left alone: not ours to judge."""
+    """Remove all but the `keep` newest checkpoints up to the current step, and staging directories of
+    crashed saves. Later checkpoints (from before a resume from an older one, or damaged ones a resume
+    skipped) are left alone: not ours to judge."""
     step = checkpoint_step(current)
     older = [p for p in list_checkpoints(output) if checkpoint_step(p) <= step]
     for old in older[keep:]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in output.glob(".checkpoint-*.partial*"):  # left by saves that crashed: never checkpoints
+        shutil.rmtree(stale, ignore_errors=True)
     fsync_dir(output)
 
 

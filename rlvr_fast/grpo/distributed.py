@@ -204,10 +204,12 @@ class Dist:
             recorded = f"rank {self.rank}{where}: {type(exc).__name__}: {exc}"
             if _is_collective_error(exc) or isinstance(exc, Stopped):  # and nobody recorded why
                 lost = self._lost_ranks(store) if store is not None else []
-                who = (f"; lost: {', '.join(f'rank {r}' for r in lost)} (did not answer within {ANSWER_S:g} s: "
-                       "killed, crashed or hung)") if lost else ""
-                recorded += (" (a collective failed and no other rank recorded an error: a rank died or hung, or "
-                             f"--dist-timeout passed{who})")
+                if _is_collective_error(exc):
+                    recorded += (" (a collective failed and no other rank recorded an error: a rank died or hung, "
+                                 "or --dist-timeout passed)")
+                if lost:
+                    recorded += (f"; lost: {', '.join(f'rank {r}' for r in lost)} (did not answer within "
+                                 f"{ANSWER_S:g} s: killed, crashed or hung)")
             _try(lambda: store.compare_set(FAILURE_KEY, "", recorded))  # the first failure wins
         printer = min(set(range(self.world_size)) - set(lost))
         if self.rank == printer:
