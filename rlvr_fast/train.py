@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,25 +123,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_dir(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path | None]:
-    """The run's options and output directory, and the checkpoint to resume from (--resume)."""
-    resume_from = None
-    if cfg.resume is not None:
-        from rlvr_fast.grpo.trainer import find_resume_checkpoint
-        output = Path(cfg.resume)
-        try:
-            resume_from = find_resume_checkpoint(output)
-        except FileNotFoundError as exc:
-            raise SystemExit(f"error: {exc}")
-        saved = json.loads((output / "config.json").read_text())
-        # The saved run's options, except those given again on this command line (e.g. more --steps).
-        saved.update({name: getattr(cfg, name) for name in given})
-        cfg = TrainConfig(**{**saved, "digits": tuple(saved["digits"])})
-    else:
+    """The run's options and output directory, and the checkpoint to resume from (--resume), verified."""
+    if cfg.resume is None:
         output = Path(cfg.output)
         if output.exists() and any(output.iterdir()):
             raise SystemExit(f"error: output directory {output} already holds files (another run?). Continue it with "
                              f"--resume {output}, or choose a new --output.")
-    return cfg, output, resume_from
+        return cfg, output, None
+    from rlvr_fast.checkpoint import CheckpointError
+    from rlvr_fast.grpo import checkpointing
+    try:
+        resume_from, skipped = checkpointing.find_checkpoint(Path(cfg.resume), fallback=cfg.resume_fallback)
+        saved = checkpointing.load_state_json(resume_from)["config"]
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank verifies; one says so
+        for line in skipped:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+    # The saved run's options, except those given again on this command line (e.g. more --steps).
+    saved.update({name: getattr(cfg, name) for name in given})
+    _refuse_saved_code(saved, given)
+    cfg = TrainConfig(**{**saved, "digits": tuple(saved["digits"])})
+    return cfg, resume_from.parent, resume_from
+
+
+def _refuse_saved_code(saved: dict[str, Any], given: set[str]) -> None:
+    """Resuming never imports code a run directory names: a user reward (`--reward module:function` or
+    `file.py:function`) in the saved options must be given again on the command line."""
+    if "reward" in given:
+        return
+    from rlvr_fast.tasks.rewards import parse_reward_spec
+    try:
+        code = [spec for spec in saved.get("reward") or () if not parse_reward_spec(spec).builtin]
+    except ValueError as exc:
+        raise SystemExit(f"error: the saved options hold a --reward that does not parse ({exc})")
+    if code:
+        flags = " ".join(f"--reward {spec}" for spec in saved["reward"])
+        raise SystemExit(f"error: the run to resume scores with code it names ({', '.join(code)}); resuming does not "
+                         f"import code named in a run directory. If you trust it, repeat the rewards: {flags}")
 
 
 def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distributed.Dist) -> int:
@@ -155,6 +175,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         dist.compute_dtype, dtype = dtype, torch.float32
 
     import rlvr_fast
+    from rlvr_fast.grpo.checkpointing import CheckpointSaveError
     from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError, check_cold_start
     from rlvr_fast.tasks import make_task
     try:
@@ -197,7 +218,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         trainer.fit()
     except KeyboardInterrupt:
         return 130
-    except TrainingError as exc:
+    except (TrainingError, CheckpointSaveError) as exc:
         if not dist.enabled:
             print(f"error: {exc}", file=sys.stderr)
         dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)

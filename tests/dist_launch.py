@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 
@@ -68,7 +69,21 @@ class UnevenTask(DigitsTask):
         self.draws = state["draws"]
 
 
+class KilledRankTask(UnevenTask):
+    """digits-uneven, except that with RLVR_TEST_KILL_RANK=R in the environment, rank R kills itself (SIGKILL: no
+    exception, no message, no cleanup) while scoring its first completion of step 2, in the middle of the step."""
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        victim = os.environ.get("RLVR_TEST_KILL_RANK")
+        if self.draws == 2 and victim is not None and os.environ.get("RANK") == victim:
+            with open(os.environ["RLVR_TEST_KILL_FILE"], "w") as f:
+                f.write(str(time.time()))  # when it died, for the test to time the survivors
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().score(problem, completion)
+
+
 register_task("digits-uneven", lambda cfg: UnevenTask())
+register_task("kill-a-rank", lambda cfg: KilledRankTask())
 register_task("fail-on-rank-1", lambda cfg: FailingRankTask())
 register_task("hang-on-rank-1", lambda cfg: FailingRankTask(hang=True))
 

@@ -78,6 +78,6 @@ def test_bf16_run_trains_masters_and_saves_bf16(tiny, tmp_path):  # noqa: F811
     model, _ = rlvr_fast.load_pretrained(out / "checkpoint-2", dtype=torch.bfloat16)
     initial, _ = rlvr_fast.load_pretrained(tiny, dtype=torch.bfloat16)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
-    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)
     masters = state["master_weights"]
     assert masters is not None and all(m.dtype == torch.float32 for m in masters)

@@ -8,7 +8,8 @@ per adapted projection, named as PEFT's save_pretrained names them:
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
 
 so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)` loads what we
-train (tests/test_lora.py checks this with peft itself). Written atomically like save_pretrained.
+train (tests/test_lora.py checks this with peft itself). Written atomically and durably like
+save_pretrained; read with safetensors and JSON only, so loading adapters runs no code.
 For a merged HF-layout model, call save_pretrained on the adapted model: it writes W + s B A.
 """
 
@@ -73,9 +74,13 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG}: not a LoRA adapter directory")
-    raw = json.loads(file.read_text())
-    if raw.get("peft_type") != "LORA":
-        raise CheckpointError(f"{file}: peft_type {raw.get('peft_type')!r}; only LoRA adapters are supported")
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); save the adapters again") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise CheckpointError(f"{file}: peft_type {peft_type!r}; only LoRA adapters are supported")
     short = {hf: s for s, hf in _HF_NAME.items()}
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
@@ -90,7 +95,11 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, dict]:
             raise CheckpointError(f"{file}: {key}={raw[key]!r} is not supported (only {key}={ok!r})")
     if raw.get("rank_pattern") or raw.get("alpha_pattern") or raw.get("layers_to_transform") is not None:
         raise CheckpointError(f"{file}: per-layer rank/alpha patterns and layer subsets are not supported")
-    return LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(short[t] for t in targets),
+    try:
+        rank, alpha = int(raw["r"]), float(raw["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: r and lora_alpha must be numbers ({exc!r})") from None
+    return LoRAConfig(rank=rank, alpha=alpha, targets=tuple(short[t] for t in targets),
                       base_model=raw.get("base_model_name_or_path")), raw
 
 

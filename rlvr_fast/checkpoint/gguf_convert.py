@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from rlvr_fast.checkpoint.durable import fsync_dir, sync_tree
+
 # Bump when the output format changes, so cached conversions get rebuilt.
 CONVERTER_VERSION = 1
 # Written last inside the temporary directory: its presence means "complete", and it records what
@@ -322,6 +324,7 @@ def convert_gguf_to_hf(
             },
         )
         del reader  # drop the memory map before moving files around
+        sync_tree(tmp)  # on disk before the rename publishes it (durable.py)
 
         # Swap into place. A leftover out_dir (stale or partial) is moved aside first, since
         # rename() cannot replace a non-empty directory.
@@ -330,6 +333,7 @@ def convert_gguf_to_hf(
             os.rename(out_dir, trash / out_dir.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

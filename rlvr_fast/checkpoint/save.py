@@ -2,7 +2,8 @@
 
 The directory is written next to its destination under a temporary name and renamed into
 place at the end, so a run killed while saving never leaves a half-written checkpoint that looks
-complete: `path` holds either the old checkpoint or the new one. A model with LoRA adapters is
+complete: `path` holds either the old checkpoint or the new one. The files are flushed to disk
+before the rename, and the rename after it (durable.py), so this holds after a power loss too. A model with LoRA adapters is
 saved merged (W + s B A in the weights' dtype): a plain Llama checkpoint. Adapters alone: adapters.py.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rlvr_fast.checkpoint.durable import fsync_dir, sync_tree
 from rlvr_fast.checkpoint.load import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from rlvr_fast.model.llama import LlamaForCausalLM
 from rlvr_fast.model.lora import has_lora, merged_state_dict
@@ -79,12 +81,14 @@ def _split(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
 
 
 def _replace_dir(new: Path, path: Path) -> None:
-    """Swap `new` into `path`; the old directory is removed only after the new one is in place."""
+    """Swap `new` into `path`, durably; the old directory is removed only after the new one is in place."""
     os.chmod(new, 0o755)  # mkdtemp makes it 0700
+    sync_tree(new)  # its files' data on disk before the rename publishes them
     if not path.exists():
         new.rename(path)
-        return
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    path.rename(old)
-    new.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    else:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        new.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(path.parent)

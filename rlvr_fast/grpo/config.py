@@ -99,9 +99,12 @@ class TrainConfig:
     save_every: int = opt(20, "checkpoint every N steps (0 = only at the end)")
     sample_every: int = opt(5, "write a few completions to samples.jsonl every N steps")
     output: str = opt("runs/multiply", "output directory (metrics, samples, checkpoints, plot)")
-    resume: str | None = opt(None, "continue the run saved in this output directory")
+    resume: str | None = opt(None, "continue a run: its output directory (the newest checkpoint that verifies) or "
+                                   "one checkpoint-STEP directory (that one or an error)")
     strict_rewards: bool = opt(False, "stop when a reward function raises (default: score 0 and count it)")
     max_bad_steps: int = opt(3, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    resume_fallback: bool = opt(True, "--resume RUN: when the newest checkpoint is damaged, resume from the newest "
+                                      "one that verifies, saying what was skipped (--no-resume-fallback: stop instead)")
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",

@@ -28,6 +28,9 @@ gradients and optimizer states instead: see `shard_model`, `full_weights` (rollo
 Failures: collectives time out after --dist-timeout seconds, and a rank that raises records the
 error in the rendezvous store and leaves the process group, so that the other ranks' pending
 collectives fail at once; rank 0 prints the first recorded error, naming the rank (`Dist.fail`).
+A rank that dies without a word (killed, out of memory) makes the others' collectives fail on the
+closed connections, or torchrun stop them with SIGTERM (raised here as `Stopped`); the survivors then
+name the ranks that no longer answer (`Dist._lost_ranks`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -55,6 +59,8 @@ log = logging.getLogger("rlvr_fast")
 
 FAILURE_KEY = "rlvr_fast/failure"
 REPORTED_KEY = "rlvr_fast/failure_reported"
+ANSWER_KEY = "rlvr_fast/alive"
+ANSWER_S = 3.0  # how long surviving ranks wait for each other's answer before calling a rank lost
 BUCKET_BYTES = 32 << 20
 
 
@@ -181,30 +187,55 @@ class Dist:
         """Call on a rank where `exc` was raised, before leaving. The first error of the run is
         recorded in the rendezvous store, and the rank leaves the process group, so that the other
         ranks' pending collectives fail now rather than at the timeout; rank 0 prints the record.
+        When a collective failed and no rank recorded why, the surviving ranks find out which are
+        lost (`_lost_ranks`) and the message names them; the lowest surviving rank prints it.
         Returns True when `exc` is only the echo of another rank's recorded failure."""
         if not self.enabled or not dist.is_initialized():
             return False
+        # torchrun sends SIGTERM to every rank once one has died; finish the message first (it
+        # sends SIGKILL 30 s later).
+        _try(lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))  # (main thread only)
         store = _try(_store)  # None: no record, the other ranks fail on the closed connections or the timeout
         recorded = _try(lambda: store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None)
         echo = bool(recorded) and not recorded.startswith((f"rank {self.rank} ", f"rank {self.rank}:"))
+        lost: list[int] = []
         if not echo:
             where = f" at step {self.step + 1}" if self.step is not None else ""
             recorded = f"rank {self.rank}{where}: {type(exc).__name__}: {exc}"
-            if _is_collective_error(exc):  # and nobody recorded why
-                recorded += (" (a collective failed and no other rank recorded an error: a rank died or hung, or "
-                             "--dist-timeout passed)")
+            if _is_collective_error(exc) or isinstance(exc, Stopped):  # and nobody recorded why
+                lost = self._lost_ranks(store) if store is not None else []
+                if _is_collective_error(exc):
+                    recorded += (" (a collective failed and no other rank recorded an error: a rank died or hung, "
+                                 "or --dist-timeout passed)")
+                if lost:
+                    recorded += (f"; lost: {', '.join(f'rank {r}' for r in lost)} (did not answer within "
+                                 f"{ANSWER_S:g} s: killed, crashed or hung)")
             _try(lambda: store.compare_set(FAILURE_KEY, "", recorded))  # the first failure wins
-        if self.is_main:
+        printer = min(set(range(self.world_size)) - set(lost))
+        if self.rank == printer:
             if echo or not isinstance(exc, SystemExit):  # Python prints a SystemExit's message itself
                 print(f"error: {recorded}" + (" -- stopping all ranks" if echo else ""), file=sys.stderr, flush=True)
             _try(lambda: store.set(REPORTED_KEY, "1"))
         _try(dist.destroy_process_group)
-        if not self.is_main and not echo:
-            # Give rank 0 a few seconds to print the message: torchrun stops every rank once one exits.
+        if self.rank != printer and not echo:
+            # Give the printing rank a few seconds: torchrun stops every rank once one exits.
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not _try(lambda: store.check([REPORTED_KEY])):
                 time.sleep(0.05)
         return echo
+
+    def _lost_ranks(self, store) -> list[int]:
+        """The ranks that do not answer within ANSWER_S seconds. Every rank that reaches here posts an
+        answer in the rendezvous store (which torchrun's agent keeps, whichever rank died) and waits for
+        the others': a rank that was killed, crashed or hangs outside a collective never posts one."""
+        _try(lambda: store.set(f"{ANSWER_KEY}/{self.rank}", "1"))
+        keys = {r: f"{ANSWER_KEY}/{r}" for r in range(self.world_size) if r != self.rank}
+        deadline = time.monotonic() + ANSWER_S
+        while True:
+            missing = [r for r, key in keys.items() if not _try(lambda: store.check([key]))]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.05)
 
     # ---- FSDP2 -----------------------------------------------------------------------------
 
@@ -292,8 +323,8 @@ class Dist:
 
     def save_checkpoint(self, output: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
         """Rank 0 writes the HF-layout weights (with FSDP, gathered from all ranks to its CPU) and the
-        trainer state. With FSDP each rank also writes its optimizer shard, before rank 0 writes
-        trainer_state.pt, which marks the checkpoint complete."""
+        trainer state. With FSDP each rank also writes its optimizer shard into the staging directory,
+        before rank 0 writes the manifest and moves the checkpoint into place (checkpointing.py)."""
         path = output / f"checkpoint-{step}"
         state = {**state, "world_size": self.world_size, "shard": "fsdp" if self.fsdp else "none"}
         if not self.fsdp:
@@ -304,16 +335,16 @@ class Dist:
         full = self._full_state_dict(model)
         optimizer = state.pop("optimizer")
 
-        def write_shards(path: Path) -> None:
-            self.barrier()  # the weights are in place: every rank adds its shard
-            checkpointing.save_rank_state(path, self.rank, {"optimizer": optimizer, "world_size": self.world_size})
+        def write_shards(staging: Path) -> None:
+            self.barrier()  # the weights are in the staging directory: every rank adds its shard
+            checkpointing.save_rank_state(staging, self.rank, {"optimizer": optimizer, "world_size": self.world_size})
             self.barrier()
 
         if self.is_main:
             checkpointing.save_checkpoint(output, step, model, tokenizer, state, model_state=full,
-                                          before_state=write_shards)
+                                          before_manifest=write_shards)
         else:
-            write_shards(path)
+            write_shards(checkpointing.staging_dir(output, step))
         self.barrier()
         return path
 
@@ -407,10 +438,22 @@ def init_distributed(timeout_s: int, device: str, shard: str = "none") -> Dist:
                             device_id=torch.device("cuda", local_rank) if use_cuda else None)
     if rank != 0:  # one copy of the INFO lines, from rank 0
         logging.getLogger("rlvr_fast").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _stop)  # torchrun's (or a scheduler's) stop: an error that Dist.fail reports
     return Dist(rank, world_size, local_rank, shard)
 
 
+class Stopped(BaseException):
+    """SIGTERM: torchrun stops every rank once one has exited (or died), a scheduler preempts the job.
+    A BaseException, like KeyboardInterrupt: no `except Exception` on the way (a reward call) may swallow it."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped("SIGTERM: torchrun stops the other ranks when one exits or dies")
+
+
 def close(d: Dist) -> None:
+    if d.enabled:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

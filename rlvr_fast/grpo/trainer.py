@@ -38,7 +38,7 @@ from rlvr_fast.checkpoint import save_pretrained
 from rlvr_fast.checkpoint.adapters import load_adapters
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
-from rlvr_fast.grpo.checkpointing import latest_checkpoint
+from rlvr_fast.grpo.checkpointing import python_rng_state
 from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
@@ -532,7 +532,7 @@ class GRPOTrainer:
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.master.load_state_dict(state.get("master_weights"))
-        self.rng.setstate(state["data_rng"])
+        self.rng.setstate(python_rng_state(state["data_rng"]))  # JSON lists -> random's tuples
         torch.set_rng_state(state["torch_rng"])
         self.bad_steps = state["bad_steps"]
         self.cold_start_done = state.get("cold_start_done", 0)
@@ -593,10 +593,3 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{e['set']:<10} {stage:<8} {e_then['accuracy']:>9.3f} {e_then['format_rate']:>7.3f} "
                   f"{e_then['reward_mean']:>7.3f}")
 
-
-def find_resume_checkpoint(output: Path) -> Path:
-    ckpt = latest_checkpoint(output)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume {output}: no checkpoint found there (expected {output}/latest pointing to a "
-                                "checkpoint-STEP directory)")
-    return ckpt
