@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlvr_fast.kernels.native import HAS_NATIVE, WHY_NOT
+from .native import HAS_NATIVE, WHY_NOT
 
 try:  # Triton is optional: without it the package imports and runs its PyTorch paths.
     import triton
@@ -53,6 +53,46 @@ _cpu_default: str | None = None  # what "auto" means on CPU for ops with a nativ
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (set before triton was imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- launch configurations
+# One named function per kind of kernel. The GPU compile test (tests/test_gpu_compile.py) reaches them
+# through the launchers, so what it compiles is what a GPU runs.
+
+_gpu_configs_in_interpreter = False
+
+
+def gpu_configs() -> bool:
+    """Launchers pick their GPU configurations: always on a GPU, and under the interpreter inside
+    `cuda_launch_configs()`. Otherwise the interpreter gets small blocks: it runs each block as numpy
+    ops, and small blocks keep odd sizes exercising the masked tails."""
+    return not interpreting() or _gpu_configs_in_interpreter
+
+
+@contextlib.contextmanager
+def cuda_launch_configs() -> Iterator[None]:
+    """Within the block the interpreter runs the kernels at their GPU block sizes (tests: the wide
+    blocks, loops and masked tails a GPU executes)."""
+    global _gpu_configs_in_interpreter
+    saved, _gpu_configs_in_interpreter = _gpu_configs_in_interpreter, True
+    try:
+        yield
+    finally:
+        _gpu_configs_in_interpreter = saved
+
+
+def row_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the kernels that stream one row of V logits per program (log-probs, the
+    fused GRPO loss, sampling): 4096-wide blocks with 8 warps on a GPU."""
+    if not gpu_configs():
+        return min(128, triton.next_power_of_2(V)), 1
+    block = min(4096, triton.next_power_of_2(V))
+    return block, 8 if block >= 2048 else 4
+
+
+def token_config(T: int) -> tuple[int, int]:
+    """(BLOCK_T, num_warps) of the GRPO loss kernel: one program per BLOCK_T tokens of a completion."""
+    return min(1024 if gpu_configs() else 64, triton.next_power_of_2(max(T, 1))), 4
 
 
 @contextlib.contextmanager

@@ -59,11 +59,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import check_index, check_temperature, log_path, pick_backend, tl, triton
+from ._common import check_index, check_temperature, log_path, pick_backend, row_config, tl, triton
 from .grpo_loss import (STAT_NAMES, TIS_STAT_NAMES, LossTerms, check_grpo_args, grpo_core, grpo_token_terms,
                         grpo_token_terms_torch, loss_weights, stats_dict, tis_weight, tis_weight_torch)
 from .linear_token_logprobs import check_linear_args, pick_chunk_size
-from .token_logprobs import _block_v
 
 OP = "fused_linear_grpo_loss"
 
@@ -234,7 +233,7 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     assert logits.stride(1) == 1
     ns, entropy = tk.stat_width(), tk.ent_coef != 0.0
     stats = torch.empty(c, ns, device=logits.device, dtype=torch.float32)
-    block, warps = _block_v(v)
+    block, warps = row_config(v)
     dummy = tk.tok_w
     _fused_grpo_rows_kernel[(c,)](logits, logits.stride(0), tk.targets, tk.old if tk.old is not None else dummy,
                                   tk.ref if tk.ref is not None else dummy, tk.roll if tk.roll is not None else dummy,
@@ -292,7 +291,7 @@ def _lse_chunk(backend, logits, targets, inv_t, entropy):
     """GSPO path, pass 1 of a chunk -> (state for _grad_chunk, logp [C], entropy [C] or None)."""
     if backend == "triton":
         lse = torch.zeros(logits.shape[0], 4, device=logits.device, dtype=torch.float32)
-        block, warps = _block_v(logits.shape[1])
+        block, warps = row_config(logits.shape[1])
         _rows_lse_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, logits.shape[1], inv_t,
                                              ENTROPY=entropy, BLOCK_V=block, num_warps=warps)
         return (logits, lse), lse[:, 0], (lse[:, 3] if entropy else None)
@@ -304,7 +303,7 @@ def _grad_chunk(backend, state, targets, g, h, inv_t, dtype) -> torch.Tensor:
     """GSPO path, pass 2 of a chunk: dL/dlogits [C, V] (in place over the state's buffer)."""
     if backend == "triton":
         logits, lse = state
-        block, warps = _block_v(logits.shape[1])
+        block, warps = row_config(logits.shape[1])
         _rows_grad_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, g, h if h is not None else g,
                                               logits.shape[1], inv_t, ENTROPY=h is not None, BLOCK_V=block,
                                               num_warps=warps)

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_float, check_same_device, check_shape, interpreting, pick_backend, tl, triton
+from ._common import FLOAT_DTYPES, check_float, check_same_device, check_shape, pick_backend, tl, token_config, triton
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 RATIO_LEVELS = ("token", "sequence")
@@ -214,7 +214,7 @@ def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_gra
     assert all(x is None or x.is_contiguous() for x in (logp, old, ref, roll, adv, mask, row_w))
     has_tis = roll is not None
     ns = 7 if has_tis else 5
-    block = min(64 if interpreting() else 1024, triton.next_power_of_2(max(t, 1)))
+    block, warps = token_config(t)
     grid = (b, triton.cdiv(t, block))
     partial = torch.empty(grid[0] * grid[1], ns, device=logp.device, dtype=torch.float32)
     dlogp = torch.empty(b, t, device=logp.device, dtype=torch.float32) if write_grad else None
@@ -225,7 +225,7 @@ def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_gra
                                 dlogp if write_grad else logp, partial, t, *o.launch_args(),
                                 HAS_OLD=old is not None and (has_tis or not o.seq), HAS_REF=ref is not None,
                                 HAS_DELTA=o.delta is not None, HAS_TIS=has_tis, SEQ=o.seq,
-                                WRITE_GRAD=write_grad, NS=ns, BLOCK_T=block, num_warps=4)
+                                WRITE_GRAD=write_grad, NS=ns, BLOCK_T=block, num_warps=warps)
     else:
         partial.zero_()
     return dlogp, partial.sum(0)

@@ -82,8 +82,8 @@ def register_cuda_kernel(op: str, fn) -> None:
 
 # ------------------------------------------------------------------ decoder-layer ops (CPU only)
 
-import rlvr_fast.kernels._common as _common  # noqa: E402  (a module reference: _common imports this module)
-from rlvr_fast.kernels.paged_reference import rms_norm_ref, rotary_embedding_ref  # noqa: E402
+from . import _common  # noqa: E402  (a module reference: _common imports this module)
+from .paged_reference import rms_norm_ref, rotary_embedding_ref  # noqa: E402
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

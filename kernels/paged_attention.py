@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_fast.kernels.paged_reference import paged_attention_ref
+from .paged_reference import paged_attention_ref
 
-from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
-from rlvr_fast.kernels.native import register_cuda_kernel
+from ._common import HAS_TRITON, pick_backend, tl, triton
+from .native import register_cuda_kernel
 
 
 if HAS_TRITON:

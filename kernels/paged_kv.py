@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_fast.kernels.paged_reference import write_kv_ref
+from .paged_reference import write_kv_ref
 
-from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
-from rlvr_fast.kernels.native import register_cuda_kernel
+from ._common import HAS_TRITON, pick_backend, tl, triton
+from .native import register_cuda_kernel
 
 
 if HAS_TRITON:

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_fast.kernels.paged_reference import sample_ref
+from .paged_reference import sample_ref
 
-from rlvr_fast.kernels._common import HAS_TRITON, pick_backend, tl, triton
-from rlvr_fast.kernels.native import register_cuda_kernel
+from ._common import HAS_TRITON, pick_backend, row_config, tl, triton
+from .native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -87,9 +87,9 @@ def _sample_triton(logits: torch.Tensor, keys: torch.Tensor, temperature: float)
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     greedy = temperature == 0
+    block, warps = row_config(v)
     _sample_kernel[(b,)](logits, keys, tokens, logprobs, logits.stride(0), v,
-                         1.0 if greedy else 1.0 / temperature, GREEDY=greedy,
-                         BLOCK_V=min(4096, triton.next_power_of_2(v)))
+                         1.0 if greedy else 1.0 / temperature, GREEDY=greedy, BLOCK_V=block, num_warps=warps)
     return tokens, logprobs
 
 
@@ -118,6 +118,9 @@ def sample(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, 
     backend: "auto" (CUDA: Triton when no top-k/top-p, else PyTorch; CPU: native if built, else
     PyTorch), "triton", "native" (torch.ops.rlvr_fast.sample), "torch".
     """
+    if keys is None and temperature != 0:
+        raise ValueError("sample: keys (one random int64 per row) are needed for temperature > 0; only greedy "
+                         "(temperature 0) may pass keys=None")
     filtered = bool(top_k) or top_p < 1.0
     if filtered and backend == "triton":
         raise ValueError("the Triton sampler handles temperature/greedy only; use backend='torch' for top-k/top-p")
@@ -126,7 +129,7 @@ def sample(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, 
     op = "sample (top-k/top-p)" if filtered else "sample"
     picked = pick_backend(op, backend, logits.device, has_native=True)
     if picked == "triton":
-        return _sample_triton(logits, keys, temperature)
+        return _sample_cuda(logits, keys, temperature)  # fills in the keys greedy decoding does not use
     if picked == "native":
         return torch.ops.rlvr_fast.sample(logits, keys, float(temperature), int(top_k), float(top_p))
     return sample_ref(logits, keys, temperature, top_k, top_p)

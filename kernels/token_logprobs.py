@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (as_rows, check_float, check_index, check_same_device, check_temperature, interpreting,
+from ._common import (as_rows, check_float, check_index, check_same_device, check_temperature, row_config,
                       pick_backend, tl, triton)
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -98,15 +98,6 @@ def _logprob_bwd_kernel(x_ptr, stride_a, stride_b, rows_b, dx_ptr, dstride_a, ds
 # ----------------------------------------------------------------------------- launchers
 
 
-def _block_v(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). The interpreter runs each block as numpy ops: small blocks keep
-    odd sizes exercising the masked tail; on a GPU 4096-wide blocks stream the row."""
-    if interpreting():
-        return min(128, triton.next_power_of_2(V)), 1
-    block = min(4096, triton.next_power_of_2(V))
-    return block, 8 if block >= 2048 else 4
-
-
 def rows_fwd_triton(x3: torch.Tensor, targets: torch.Tensor, inv_t: float, entropy: bool):
     """x3 [A, B, V] (last dim contiguous), targets [A*B] -> logp, lse, entropy-or-None, each fp32 [A*B]."""
     assert x3.dim() == 3 and x3.stride(2) == 1 and targets.is_contiguous() and targets.numel() == x3.shape[0] * x3.shape[1]
@@ -115,7 +106,7 @@ def rows_fwd_triton(x3: torch.Tensor, targets: torch.Tensor, inv_t: float, entro
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if entropy else lse  # dummy pointer when unused
     if n:
-        block, warps = _block_v(x3.shape[2])
+        block, warps = row_config(x3.shape[2])
         _logprob_fwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, logp, lse, ent,
                                   x3.shape[2], inv_t, BLOCK_V=block, ENTROPY=entropy, num_warps=warps)
     return logp, lse, (ent if entropy else None)
@@ -130,7 +121,7 @@ def rows_bwd_triton(x3: torch.Tensor, dx3: torch.Tensor, targets: torch.Tensor, 
     if n == 0:
         return
     entropy = g_ent is not None
-    block, warps = _block_v(x3.shape[2])
+    block, warps = row_config(x3.shape[2])
     _logprob_bwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], dx3, dx3.stride(0), dx3.stride(1),
                               targets, lse, g, g_ent if entropy else g, ent if entropy else g, x3.shape[2], inv_t,
                               BLOCK_V=block, ENTROPY=entropy, num_warps=warps)
