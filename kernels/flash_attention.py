@@ -161,7 +161,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr,
                                0, full, len_k, diag, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
                                full, hi, len_k, diag, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0 only for a query that sees no key: o = 0
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # l = 0 only for a query that sees no key: o = 0, lse = m = -inf
+    out = acc / l_i[:, None]
     _store_tile(o_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                 out.to(o_ptr.dtype.element_ty), rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(lse_ptr + h * n_q + q_start + rows, m_i + tl.log2(l_i), mask=rows < len_q)  # [Hq, Nq], base 2
@@ -439,19 +440,20 @@ def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: b
         if lk == 0:  # non-causal with no keys: o = 0 (causal never gets here: Lq <= Lk)
             outs.append(q.new_zeros(lq, hq, d))
             continue
-        qb, kb, vb = q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
+        # [1, H, L, D] views: SDPA's fused CPU kernel takes 4-D inputs only (3-D ones run its math path).
+        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
         gqa = {}
         if hq != hkv:
             if _SDPA_HAS_GQA:
                 gqa = {"enable_gqa": True}
             else:
-                kb, vb = kb.repeat_interleave(hq // hkv, 0), vb.repeat_interleave(hq // hkv, 0)
+                kb, vb = kb.repeat_interleave(hq // hkv, 1), vb.repeat_interleave(hq // hkv, 1)
         mask = None
         if causal and lq != lk:  # bottom-right diagonal: query i sees keys j <= i + lk - lq
             mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and lq == lk, scale=scale,
                                             **gqa)
-        outs.append(ob.transpose(0, 1))
+        outs.append(ob[0].transpose(0, 1))
     if not outs:
         return q[:0].clone()
     return torch.cat(outs)
