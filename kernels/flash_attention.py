@@ -38,8 +38,10 @@ and below the causal diagonal) and, separately, the diagonal and ragged-tail til
 A sequence with Lq = 0 (an empty completion) launches programs that return at once, and its keys
 get dk = dv = 0.
 
-fp32 inputs use exact fp32 dots (input_precision="ieee") rather than TF32; bf16/fp16 inputs feed
-the tensor cores in their dtype (p and ds are cast to it before their matmuls, as flash-attn does).
+fp32 inputs use exact fp32 dots (input_precision="ieee") rather than TF32, on CUDA for head_dim <= 64
+only (beyond that they spill registers; backend="auto" then runs the torch path and logs it);
+bf16/fp16 inputs feed the tensor cores in their dtype (p and ds are cast to it before their
+matmuls, as flash-attn does). head_dim up to 128 (any value: tiles are padded to a power of 2).
 The torch backend (any device, any shape) runs SDPA per sequence; kernels/reference.py holds the
 math as written above (`flash_attention_ref`), which the tests compare both backends to.
 """
@@ -54,7 +56,8 @@ import torch.nn.functional as F
 
 from ._common import (check_float, check_same_device, interpreting, log_path, pick_backend, tl, triton)
 
-MAX_HEAD_DIM = 256  # the Triton kernels keep [BLOCK, head_dim] tiles in registers: beyond this they spill
+MAX_HEAD_DIM = 128      # the Triton kernels keep [BLOCK, head_dim] tiles in registers; configs checked up to 128
+FP32_MAX_HEAD_DIM = 64  # on CUDA: exact fp32 dots spill beyond this (see launch_config); "auto" then runs torch
 
 # ----------------------------------------------------------------------------- Triton kernels
 
@@ -340,6 +343,7 @@ class LaunchConfig:
     fwd: TileConfig
     dq: TileConfig
     dkdv: TileConfig
+    precision: str = "ieee"  # tl.dot's input_precision for fp32 inputs (ignored for bf16/fp16)
 
 
 def block_d(head_dim: int) -> int:
@@ -348,29 +352,26 @@ def block_d(head_dim: int) -> int:
 
 
 def launch_config(head_dim: int, dtype: torch.dtype, interpreter: bool | None = None) -> LaunchConfig:
-    """Tiles per head_dim and dtype. On CUDA: each program keeps a few [BLOCK, head_dim] tiles in
+    """Tiles per head_dim and dtype. On CUDA each program keeps a few [BLOCK, head_dim] tiles in
     registers (forward: q and the fp32 output; dq: q, dO and the fp32 dq; dk/dv: k, v and two fp32
-    accumulators), so wider heads and fp32 inputs get smaller tiles or more warps. Every CUDA
-    config here is compiled for sm_80 and sm_90 by tests/test_flash_attention.py and checked for
-    register spills and shared memory. The interpreter gets 16 x 16 tiles, so that short test
-    sequences already cross several blocks and ragged tails."""
+    accumulators), so wider heads get smaller tiles or more warps. Each CUDA config here is the
+    largest of those tried that compiles for both sm_80 and sm_90 with no local memory at all (no
+    spills, no stack frame); tests/test_flash_attention.py compiles them and checks that. They are
+    not tuned for speed on a GPU yet. fp32 runs exact fp32 dots on the FMA units, which need the
+    whole head_dim of an operand row per thread: small tiles, and head_dim <= 64 only (see
+    FP32_MAX_HEAD_DIM). The interpreter gets 16 x 16 tiles, so that short test sequences already
+    cross several blocks and ragged tails."""
     if interpreter is None:
         interpreter = interpreting()
     if interpreter:
         t = TileConfig(16, 16, 1, 1)
         return LaunchConfig(t, t, t)
     d = block_d(head_dim)
-    if dtype == torch.float32:  # twice the bytes per tile; exact fp32 dots run on the FMA units
-        if d <= 64:
-            return LaunchConfig(TileConfig(64, 64, 4, 2), TileConfig(64, 32, 4, 2), TileConfig(32, 64, 4, 2))
-        if d <= 128:
-            return LaunchConfig(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 4, 2), TileConfig(32, 32, 4, 2))
-        return LaunchConfig(TileConfig(32, 32, 8, 1), TileConfig(32, 16, 8, 1), TileConfig(16, 32, 8, 1))
+    if dtype == torch.float32:  # head_dim <= 64 (larger ones spill at any tile size tried, down to 16 x 16)
+        return LaunchConfig(TileConfig(32, 32, 4, 1), TileConfig(32, 32, 8, 1), TileConfig(16, 16, 4, 1))
     if d <= 64:
-        return LaunchConfig(TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3))
-    if d <= 128:
-        return LaunchConfig(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(64, 64, 8, 2))
-    return LaunchConfig(TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2), TileConfig(32, 32, 8, 2))
+        return LaunchConfig(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 1))
+    return LaunchConfig(TileConfig(128, 32, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 32, 8, 2))
 
 
 def _fwd_triton(q, k, v, cu_q, cu_k, max_q: int, causal: bool, scale: float):
@@ -381,14 +382,15 @@ def _fwd_triton(q, k, v, cu_q, cu_k, max_q: int, causal: bool, scale: float):
     assert cu_q.dtype == torch.int32 and cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(hq, nq, dtype=torch.float32, device=q.device)
-    t = launch_config(d, q.dtype).fwd
+    cfg = launch_config(d, q.dtype)
+    t = cfg.fwd
     grid = (triton.cdiv(max_q, t.block_m), hq, cu_q.numel() - 1)
     if grid[0] > 0 and nq > 0:
         _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                           out.stride(0), out.stride(1), nq, hq // hkv, scale * LOG2E,
                           CAUSAL=causal, HEAD_DIM=d, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d(d),
-                          PRECISION="ieee", num_warps=t.num_warps, num_stages=t.num_stages)
+                          PRECISION=cfg.precision, num_warps=t.num_warps, num_stages=t.num_stages)
     return out, lse
 
 
@@ -403,7 +405,7 @@ def _bwd_triton(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causa
     delta = torch.empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel (same stream, in order)
     cfg = launch_config(d, q.dtype)
     nseq = cu_q.numel() - 1
-    common = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d(d), PRECISION="ieee")
+    common = dict(CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d(d), PRECISION=cfg.precision)
     grid = (triton.cdiv(max_q, cfg.dq.block_m), hq, nseq)
     if grid[0] > 0 and nq > 0:
         _bwd_dq_kernel[grid](q, k, v, out, do, dq, lse, delta, cu_q, cu_k,
@@ -429,19 +431,24 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 
 
 def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: bool, scale: float) -> torch.Tensor:
-    """SDPA per sequence on [H, L, D] views (autograd gives the gradients); bounds = (q0, q1, k0, k1) per sequence."""
+    """SDPA per sequence (autograd gives the gradients); bounds = (q0, q1, k0, k1) per sequence.
+
+    The packed tensors are cut with one `split` each, whose backward is one concatenation (slicing
+    per sequence would add a full-size zero gradient per sequence)."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
+    lens_q = [q1 - q0 for q0, q1, _, _ in bounds]
+    lens_k = [k1 - k0 for _, _, k0, k1 in bounds]
     outs = []
-    for q0, q1, k0, k1 in bounds:
-        lq, lk = q1 - q0, k1 - k0
+    for qs, ks, vs in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k)):
+        lq, lk = qs.shape[0], ks.shape[0]
         if lq == 0:
             continue
         if lk == 0:  # non-causal with no keys: o = 0 (causal never gets here: Lq <= Lk)
-            outs.append(q.new_zeros(lq, hq, d))
+            outs.append(qs * 0)
             continue
         # [1, H, L, D] views: SDPA's fused CPU kernel takes 4-D inputs only (3-D ones run its math path).
-        qb, kb, vb = (t[a:z].transpose(0, 1)[None] for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (qs, ks, vs))
         gqa = {}
         if hq != hkv:
             if _SDPA_HAS_GQA:
@@ -454,8 +461,8 @@ def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: b
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and lq == lk, scale=scale,
                                             **gqa)
         outs.append(ob[0].transpose(0, 1))
-    if not outs:
-        return q[:0].clone()
+    if not outs:  # no queries at all
+        return q * 0
     return torch.cat(outs)
 
 
@@ -567,6 +574,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     bounds = _check(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     picked = pick_backend(op, backend, q.device)
+    if picked == "triton" and q.is_cuda and q.dtype == torch.float32 and q.shape[2] > FP32_MAX_HEAD_DIM:
+        if backend != "auto":
+            raise ValueError(f"{op}: the Triton kernels take float32 only with head_dim <= {FP32_MAX_HEAD_DIM} "
+                             f"(got {q.shape[2]}): exact fp32 dots would spill registers; use bfloat16/float16 "
+                             "or backend='torch'")
+        log_path(op, "torch", f"float32 with head_dim {q.shape[2]} > {FP32_MAX_HEAD_DIM} on CUDA: the Triton "
+                 "kernels' exact fp32 dots would spill, so SDPA per sequence runs")
+        picked = "torch"
     if picked == "triton":
         if q.shape[2] > MAX_HEAD_DIM:
             raise ValueError(f"{op}: the Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {q.shape[2]}; "

@@ -12,7 +12,8 @@ Use from a test (the child needs the real JIT, so it runs without TRITON_INTERPR
     # -> [{"name", "arch", "constants", "num_warps", "num_stages", "regs", "local", "shared"}, ...]
 
 `shared` is the kernel's shared memory (Triton's metadata: dynamic shared memory) in bytes,
-`local` the local-memory bytes per thread (spills; should be 0), `regs` the registers per thread.
+`local` and `stack` the local-memory bytes per thread (ptxas puts register spills in the stack
+frame: both should be 0), `regs` the registers per thread.
 SHARED_LIMIT gives the per-block shared-memory limit of each target.
 """
 
@@ -67,7 +68,7 @@ def _fake_driver(arch: int):
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """cuobjdump --dump-resource-usage of one kernel's cubin -> {"regs", "local", "shared_static"}."""
+    """cuobjdump --dump-resource-usage of one kernel's cubin -> {"regs", "local", "stack", "shared_static"}."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -77,7 +78,7 @@ def _resource_usage(cubin: bytes) -> dict:
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     field = lambda name: int(re.search(rf"\b{name}:(\d+)", out).group(1))  # noqa: E731
-    return {"regs": field("REG"), "local": field("LOCAL"), "shared_static": field("SHARED")}
+    return {"regs": field("REG"), "local": field("LOCAL"), "stack": field("STACK"), "shared_static": field("SHARED")}
 
 
 def _main(arch: int) -> None:
