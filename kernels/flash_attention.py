@@ -434,7 +434,8 @@ def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: b
     """SDPA per sequence (autograd gives the gradients); bounds = (q0, q1, k0, k1) per sequence.
 
     The packed tensors are cut with one `split` each, whose backward is one concatenation (slicing
-    per sequence would add a full-size zero gradient per sequence)."""
+    per sequence would add a full-size zero gradient per sequence). A causal sequence with Lq < Lk
+    gets an explicit [Lq, Lk] boolean mask (SDPA's is_causal is aligned top-left)."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
     lens_q = [q1 - q0 for q0, q1, _, _ in bounds]
@@ -545,6 +546,16 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def _triton_unsupported(q: torch.Tensor) -> str | None:
+    """Why the Triton kernels have no checked launch config for q's head_dim and dtype (None: they do)."""
+    if q.shape[2] > MAX_HEAD_DIM:
+        return f"the Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {q.shape[2]}"
+    if q.is_cuda and q.dtype == torch.float32 and q.shape[2] > FP32_MAX_HEAD_DIM:
+        return (f"the Triton kernels take float32 on CUDA only with head_dim <= {FP32_MAX_HEAD_DIM} (got "
+                f"{q.shape[2]}): exact fp32 dots would spill registers; bfloat16/float16 have no such limit")
+    return None
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
                     softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -574,20 +585,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     bounds = _check(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     picked = pick_backend(op, backend, q.device)
-    if picked == "triton" and q.is_cuda and q.dtype == torch.float32 and q.shape[2] > FP32_MAX_HEAD_DIM:
-        if backend != "auto":
-            raise ValueError(f"{op}: the Triton kernels take float32 only with head_dim <= {FP32_MAX_HEAD_DIM} "
-                             f"(got {q.shape[2]}): exact fp32 dots would spill registers; use bfloat16/float16 "
-                             "or backend='torch'")
-        log_path(op, "torch", f"float32 with head_dim {q.shape[2]} > {FP32_MAX_HEAD_DIM} on CUDA: the Triton "
-                 "kernels' exact fp32 dots would spill, so SDPA per sequence runs")
-        picked = "torch"
     if picked == "triton":
-        if q.shape[2] > MAX_HEAD_DIM:
-            raise ValueError(f"{op}: the Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {q.shape[2]}; "
-                             "use backend='torch'")
+        why = _triton_unsupported(q)
+        if why and backend == "auto":
+            log_path(op, "torch", f"{why}: SDPA per sequence runs instead")
+            picked = "torch"
+        elif why:
+            raise ValueError(f"{op}: {why}; use backend='torch' (or 'auto', which does)")
+    if picked == "triton":
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            raise TypeError(f"{op}: the Triton interpreter has no bfloat16; test bfloat16 on a GPU or use backend='torch'")
+            raise TypeError(f"{op}: the Triton interpreter computes bfloat16 dots wrongly (Triton 3.9), so the Triton "
+                            "path takes no bfloat16 on CPU: test bfloat16 on a GPU or use backend='torch'")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return FlashAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             bool(causal), scale)

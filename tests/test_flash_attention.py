@@ -84,7 +84,7 @@ def test_fp32_values_and_grads_match_reference(backend, name):
     case = CASES[name]
     q, k, v, do = make_case(*case[:5])
     if DEVICE == "cuda" and backend == "triton" and case[4] > fa.FP32_MAX_HEAD_DIM:
-        with pytest.raises(ValueError, match="float32 only with head_dim <= 64"):
+        with pytest.raises(ValueError, match="float32 on CUDA only with head_dim <= 64"):
             kernel(case, q.float(), k.float(), v.float(), do.float(), backend)
         return  # these head dims run on the Triton path in fp16 below
     want = reference(case, q, k, v, do)
@@ -200,10 +200,12 @@ def test_bad_inputs_raise_clear_errors():
     # Not causal, more queries than keys is fine.
     flash_attention(**{**good, "cu_seqlens_k": torch.tensor([0, 5, 8], dtype=torch.int32)}, causal=False)
     if fa.interpreting():
-        with pytest.raises(TypeError, match="no bfloat16"):
+        with pytest.raises(TypeError, match="takes no bfloat16 on CPU"):
             flash_attention(**{**good, "q": q.bfloat16(), "k": k.bfloat16(), "v": v.bfloat16()}, backend="triton")
-    with pytest.raises(ValueError, match="head_dim <= 128"):
-        big = dict(q=torch.randn(6, 1, 160), k=torch.randn(8, 1, 160), v=torch.randn(8, 1, 160))
+    big = {name: t.to(DEVICE) for name, t in good.items() if isinstance(t, torch.Tensor)}
+    big.update(q=torch.randn(6, 1, 160, device=DEVICE), k=torch.randn(8, 1, 160, device=DEVICE),
+               v=torch.randn(8, 1, 160, device=DEVICE))
+    with pytest.raises(ValueError, match="head_dim <= 128, got 160; use backend='torch'"):
         flash_attention(**{**good, **big}, backend="triton")
 
 
