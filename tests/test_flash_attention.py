@@ -143,15 +143,14 @@ def test_strided_views_of_a_packed_qkv():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test already runs the CUDA configuration")
-@pytest.mark.parametrize("config_dtype", [torch.float32, torch.bfloat16])
-def test_interpreter_at_the_cuda_tile_sizes(monkeypatch, config_dtype):
+@pytest.mark.parametrize("config_dtype, d", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 128)])
+def test_interpreter_at_the_cuda_tile_sizes(monkeypatch, config_dtype, d):
     """The interpreter with the tiles launch_config picks on CUDA (fp32 inputs; the bf16 tiles too):
     sequences around the 16..128-row blocks, so the GPU's masked tails and stage boundaries run."""
     real = fa.launch_config
     monkeypatch.setattr(fa, "launch_config", lambda d, dtype, interpreter=None: real(d, config_dtype, False))
-    cfg = real(64, config_dtype, False)
-    assert cfg != real(64, config_dtype, True)  # really the CUDA tiles, not the interpreter's
-    case = ([130, 0, 1, 64], [200, 3, 1, 64], 3, 1, 64, True)
+    assert real(d, config_dtype, False) != real(d, config_dtype, True)  # really the CUDA tiles
+    case = ([130, 0, 1, 64], [200, 3, 1, 64], 3, 1, d, True)
     q, k, v, do = make_case(*case[:5], seed=3)
     want = reference(case, q, k, v, do)
     got = kernel(case, q.float(), k.float(), v.float(), do.float(), "triton")
