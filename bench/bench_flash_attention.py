@@ -103,7 +103,9 @@ def main():
     shapes, lengths = a.shapes.split(","), [int(x) for x in a.lengths.split(",")]
     modes = [f"{s}:{n}:{w}" for s in shapes for n in lengths for w in ("fwd", "fwdbwd")]
     print(f"bench_flash_attention on {device}: {shapes} L={lengths} {a.tokens} tokens {a.dtype}", file=sys.stderr)
+    load_start = os.getloadavg()
     res = run_all(os.path.abspath(__file__), variants, modes, device, a.reps, sys.argv[1:])
+    load = f"Load average (1, 5, 15 min) at start {load_start}, at end {os.getloadavg()}."
     get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
     header = ["heads (Hq/Hkv x D)", "B x L", "variant", "fwd ms", "fwd+bwd ms", "fwd TFLOPS", "fwd+bwd TFLOPS",
               "fwd+bwd / sdpa", "fwd+bwd peak extra MiB"]
@@ -131,7 +133,8 @@ def main():
         what = ("CPU: ours = flash_attention's torch backend (SDPA per sequence), NOT a kernel measurement: the "
                 "Triton kernel needs a GPU. sdpa = torch's dense SDPA on [B, H, L, D].")
     body = (f"flash_attention, causal, {a.tokens} tokens per call as B sequences of L, {a.dtype} on {device}. "
-            f"{what} TFLOPS count attended pairs (forward 2 matmuls over L^2/2 pairs; forward+backward 3.5x).\n\n"
+            f"{what} TFLOPS count attended pairs (forward 2 matmuls over L^2/2 pairs; forward+backward 3.5x). "
+            f"{load}\n\n"
             + markdown_table(header, rows))
     print(body)
     if not a.no_write:
