@@ -6,8 +6,9 @@
 Every variant attends the same B sequences of L tokens each (total tokens fixed, L varied):
 
 * ours: `rlvr_fast.kernels.flash_attention` on the packed [B*L, H, D] layout with cu_seqlens. On CUDA
-  that is the project's Triton kernel; on CPU it is the torch backend (SDPA per sequence), so the CPU
-  table measures that dispatch path, NOT a kernel (the Triton kernel only runs on a GPU).
+  that is the project's Triton kernel. On CPU it is the torch backend, SDPA per run of equal-length
+  sequences (here one batched call, like sdpa's, plus the cu_seqlens checks): the CPU table
+  measures that dispatch path, NOT a kernel (the Triton kernel only runs on a GPU).
 * sdpa: `F.scaled_dot_product_attention` on the dense [B, H, L, D] layout (is_causal, enable_gqa),
   which needs no varlen bookkeeping: the peer a kernel should match at equal lengths.
 * flash_attn: `flash_attn_varlen_func` on the same packed inputs (CUDA, when installed).
@@ -130,7 +131,7 @@ def main():
         what = ("ours = the Triton kernels (kernels/flash_attention.py); sdpa = torch's dense SDPA (its flash "
                 "backend at these dtypes); flash_attn = flash_attn_varlen_func.")
     else:
-        what = ("CPU: ours = flash_attention's torch backend (SDPA per sequence), NOT a kernel measurement: the "
+        what = ("CPU: ours = flash_attention's torch backend (one SDPA call per run of equal-length sequences, so here the same call as sdpa plus its checks), NOT a kernel measurement: the "
                 "Triton kernel needs a GPU. sdpa = torch's dense SDPA on [B, H, L, D].")
     body = (f"flash_attention, causal, {a.tokens} tokens per call as B sequences of L, {a.dtype} on {device}. "
             f"{what} TFLOPS count attended pairs (forward 2 matmuls over L^2/2 pairs; forward+backward 3.5x). "

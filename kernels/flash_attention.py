@@ -42,7 +42,7 @@ fp32 inputs use exact fp32 dots (input_precision="ieee") rather than TF32, on CU
 only (beyond that they spill registers; backend="auto" then runs the torch path and logs it);
 bf16/fp16 inputs feed the tensor cores in their dtype (p and ds are cast to it before their
 matmuls, as flash-attn does). head_dim up to 128 (any value: tiles are padded to a power of 2).
-The torch backend (any device, any shape) runs SDPA per sequence; kernels/reference.py holds the
+The torch backend (any device, any shape) runs SDPA per run of equal-length sequences; kernels/reference.py holds the
 math as written above (`flash_attention_ref`), which the tests compare both backends to.
 """
 
@@ -431,25 +431,30 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 
 
 def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: bool, scale: float) -> torch.Tensor:
-    """SDPA per sequence (autograd gives the gradients); bounds = (q0, q1, k0, k1) per sequence.
+    """SDPA per run of consecutive sequences with equal (Lq, Lk), on [n, H, L, D] views (autograd
+    gives the gradients); bounds = (q0, q1, k0, k1) per sequence.
 
     The packed tensors are cut with one `split` each, whose backward is one concatenation (slicing
-    per sequence would add a full-size zero gradient per sequence). A causal sequence with Lq < Lk
-    gets an explicit [Lq, Lk] boolean mask (SDPA's is_causal is aligned top-left)."""
+    per sequence would add a full-size zero gradient per sequence). A causal run with Lq < Lk gets
+    an explicit [Lq, Lk] boolean mask (SDPA's is_causal is aligned top-left)."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
-    lens_q = [q1 - q0 for q0, q1, _, _ in bounds]
-    lens_k = [k1 - k0 for _, _, k0, k1 in bounds]
+    runs: list[list[int]] = []  # [count, Lq, Lk]
+    for q0, q1, k0, k1 in bounds:
+        if runs and runs[-1][1:] == [q1 - q0, k1 - k0]:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, q1 - q0, k1 - k0])
     outs = []
-    for qs, ks, vs in zip(q.split(lens_q), k.split(lens_k), v.split(lens_k)):
-        lq, lk = qs.shape[0], ks.shape[0]
+    for (n, lq, lk), qs, ks, vs in zip(runs, q.split([n * lq for n, lq, _ in runs]),
+                                       k.split([n * lk for n, _, lk in runs]), v.split([n * lk for n, _, lk in runs])):
         if lq == 0:
             continue
         if lk == 0:  # non-causal with no keys: o = 0 (causal never gets here: Lq <= Lk)
             outs.append(qs * 0)
             continue
-        # [1, H, L, D] views: SDPA's fused CPU kernel takes 4-D inputs only (3-D ones run its math path).
-        qb, kb, vb = (t.transpose(0, 1)[None] for t in (qs, ks, vs))
+        # [n, H, L, D] views (SDPA's fused CPU kernel takes 4-D inputs only; 3-D ones run its math path).
+        qb, kb, vb = (t.view(n, -1, t.shape[1], d).transpose(1, 2) for t in (qs, ks, vs))
         gqa = {}
         if hq != hkv:
             if _SDPA_HAS_GQA:
@@ -461,7 +466,7 @@ def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: b
             mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and lq == lk, scale=scale,
                                             **gqa)
-        outs.append(ob[0].transpose(0, 1))
+        outs.append(ob.transpose(1, 2).reshape(n * lq, hq, d))
     if not outs:  # no queries at all
         return q * 0
     return torch.cat(outs)
@@ -572,7 +577,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
             (bottom-right diagonal, flash-attn >= 2.1); needs Lq <= Lk. Otherwise every key.
         softmax_scale: default 1 / sqrt(D).
         backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" (CUDA, or CPU
-            under TRITON_INTERPRET=1 for tests), "torch" (SDPA per sequence, any device).
+            under TRITON_INTERPRET=1 for tests), "torch" (SDPA per run of equal-length sequences, any device).
 
     Returns:
         [Nq, Hq, D] in q's dtype; differentiable w.r.t. q, k and v. A query that sees no key
@@ -588,7 +593,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     if picked == "triton":
         why = _triton_unsupported(q)
         if why and backend == "auto":
-            log_path(op, "torch", f"{why}: SDPA per sequence runs instead")
+            log_path(op, "torch", f"{why}: the torch path (SDPA) runs instead")
             picked = "torch"
         elif why:
             raise ValueError(f"{op}: {why}; use backend='torch' (or 'auto', which does)")

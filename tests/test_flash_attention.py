@@ -40,9 +40,10 @@ BACKENDS = ["torch", "triton"]
 # (query lengths, key lengths, Hq, Hkv, head_dim, causal)
 CASES = {
     "gqa3-d64-causal": ([5, 0, 17, 1, 33], [20, 7, 17, 1, 40], 6, 2, 64, True),
-    "mha-d80-noncausal": ([5, 3, 17, 1, 0], [2, 0, 17, 1, 9], 2, 2, 80, False),  # Lq > Lk, no keys, no queries
-    "mqa-d96-causal": ([16, 31, 1], [16, 47, 3], 3, 1, 96, True),                # one length a block multiple
+    "mha-d80-noncausal": ([5, 3, 17, 17, 1, 0], [2, 0, 17, 17, 1, 9], 2, 2, 80, False),  # Lq > Lk, no keys/queries
+    "mqa-d96-causal": ([16, 31, 31, 1], [16, 47, 47, 3], 3, 1, 96, True),                 # a block multiple
 }
+# (Consecutive sequences of equal lengths: the torch path batches them into one SDPA call.)
 
 
 def cu_seqlens(lengths: list[int]) -> torch.Tensor:
