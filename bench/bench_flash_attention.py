@@ -131,8 +131,9 @@ def main():
         what = ("ours = the Triton kernels (kernels/flash_attention.py); sdpa = torch's dense SDPA (its flash "
                 "backend at these dtypes); flash_attn = flash_attn_varlen_func.")
     else:
-        what = ("CPU: ours = flash_attention's torch backend (one SDPA call per run of equal-length sequences, so here the same call as sdpa plus its checks), NOT a kernel measurement: the "
-                "Triton kernel needs a GPU. sdpa = torch's dense SDPA on [B, H, L, D].")
+        what = ("CPU: ours = flash_attention's torch backend (one SDPA call per run of equal-length sequences, so "
+                "here the same call as sdpa plus its checks), NOT a kernel measurement: the Triton kernel needs a "
+                "GPU. sdpa = torch's dense SDPA on [B, H, L, D].")
     body = (f"flash_attention, causal, {a.tokens} tokens per call as B sequences of L, {a.dtype} on {device}. "
             f"{what} TFLOPS count attended pairs (forward 2 matmuls over L^2/2 pairs; forward+backward 3.5x). "
             f"{load}\n\n"

@@ -232,8 +232,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, dq_ptr, lse_ptr, delta_pt
                    len_k, diag, qk_scale, CAUSAL, False, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, full, hi,
                    len_k, diag, qk_scale, CAUSAL, True, HEAD_DIM, BLOCK_N, BLOCK_D, PRECISION)
-    _store_tile(dq_ptr + tok * stride_dqt + h * stride_dqh + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-                rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dq_ptr + tok * stride_dqt + h * stride_dqh + offs_d[None, :],
+                (dq * sm_scale).to(dq_ptr.dtype.element_ty), rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -317,8 +317,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
                              offs_d, tl.maximum(mid, full_end), len_q, len_q, diag, qk_scale, CAUSAL, True, HEAD_DIM,
                              BLOCK_M, BLOCK_D, PRECISION)
     tok = (k_start + cols)[:, None]
-    _store_tile(dk_ptr + tok * stride_dkt + kvh * stride_dkh + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-                cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(dk_ptr + tok * stride_dkt + kvh * stride_dkh + offs_d[None, :],
+                (dk * sm_scale).to(dk_ptr.dtype.element_ty), cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
     _store_tile(dv_ptr + tok * stride_dvt + kvh * stride_dvh + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
                 cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
 
@@ -375,7 +375,8 @@ def launch_config(head_dim: int, dtype: torch.dtype, interpreter: bool | None = 
 
 
 def _fwd_triton(q, k, v, cu_q, cu_k, max_q: int, causal: bool, scale: float):
-    """q [Nq, Hq, D], k/v [Nk, Hkv, D] (unit stride on D) -> out [Nq, Hq, D] in q's dtype, lse [Hq, Nq] fp32 (base 2)."""
+    """q [Nq, Hq, D], k/v [Nk, Hkv, D] (unit stride on D) -> out [Nq, Hq, D] in q's dtype and
+    lse [Hq, Nq] fp32 (base 2)."""
     nq, hq, d = q.shape
     hkv = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be the unit-stride axis"
@@ -525,8 +526,9 @@ def _check(op: str, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> list[tup
     if causal:
         for i, (q0, q1, k0, k1) in enumerate(bounds):
             if q1 - q0 > k1 - k0:
-                raise ValueError(f"{op}: causal attention with the diagonal aligned bottom-right needs at least as many "
-                                 f"keys as queries per sequence; sequence {i} has {q1 - q0} queries and {k1 - k0} keys")
+                raise ValueError(f"{op}: causal attention with the diagonal aligned bottom-right needs at least as "
+                                 f"many keys as queries per sequence; sequence {i} has {q1 - q0} queries and "
+                                 f"{k1 - k0} keys")
     return bounds
 
 
