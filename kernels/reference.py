@@ -117,3 +117,36 @@ def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targe
         stats["loss"] = loss.detach()
         stats["entropy"] = (ent * m).sum().detach() / m.sum().clamp(min=1)
     return loss, stats
+
+
+def flash_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, causal: bool = True, softmax_scale: float | None = None,
+                        upcast: bool = True) -> torch.Tensor:
+    """Attention over packed variable-length sequences, one sequence at a time, explicit masked softmax.
+
+    q [Nq, Hq, D], k/v [Nk, Hkv, D]; query head h reads kv head h // (Hq / Hkv). Sequence b's
+    queries q[cu_q[b]:cu_q[b+1]] (Lq) attend to k/v[cu_k[b]:cu_k[b+1]] (Lk); causal: query i sees
+    keys j <= i + Lk - Lq (bottom-right diagonal). A query that sees no key gets 0. Returns
+    [Nq, Hq, D] in float32 (float64 for float64 inputs); upcast=False computes in the inputs' own
+    dtype instead (the "PyTorch in bf16" baseline of the tests' error rule). Gradients by autograd.
+    """
+    dt = _upcast(q).dtype if upcast else q.dtype
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
+        lq, lk = q1 - q0, k1 - k0
+        if lk == 0:
+            outs.append(q.new_zeros(lq, hq, d, dtype=dt))
+            continue
+        qb = q[q0:q1].to(dt)                                          # [Lq, Hq, D]
+        kb = k[k0:k1].to(dt).repeat_interleave(hq // hkv, dim=1)      # [Lk, Hq, D]
+        vb = v[k0:k1].to(dt).repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("ihd,jhd->hij", qb, kb) * scale          # [Hq, Lq, Lk]
+        if causal:
+            i = torch.arange(lq, device=q.device)[:, None]
+            j = torch.arange(lk, device=q.device)[None, :]
+            scores = scores.masked_fill(j > i + (lk - lq), float("-inf"))
+        outs.append(torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), vb))
+    return torch.cat(outs)

@@ -65,6 +65,12 @@ def test_runs_without_triton_installed():
             assert "triton is not installed" in str(e)
         else:
             raise AssertionError("backend='triton' without triton must raise")
+        from rlvr_fast.kernels.flash_attention import flash_attention
+        q, k = torch.randn(5, 4, 8, requires_grad=True), torch.randn(7, 2, 8)
+        cq, ck = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 3, 7], dtype=torch.int32)
+        out = flash_attention(q, k, k, cq, ck, 3, 4)
+        out.sum().backward()
+        torch.testing.assert_close(out, R.flash_attention_ref(q, k, k, cq, ck))
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
