@@ -28,15 +28,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
-SHARED_LIMIT = {80: 166912, 90: 232448}
+# Max dynamic shared memory per block (opt-in), bytes: A100 (sm_80) 163 KiB, H100 (sm_90) and B200 (sm_100) 227 KiB.
+SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 
 
-def compile_in_subprocess(code: str, arch: int, timeout: float = 300) -> list[dict]:
+def compile_in_subprocess(code: str | list[str], arch: int, timeout: float = 300) -> list[dict]:
     """Run `code` (Python source; it may import the project and torch) in a child process whose
-    Triton compiles for sm_`arch` instead of launching; return one record per kernel launch."""
+    Triton compiles for sm_`arch` instead of launching; return one record per kernel launch.
+    A list of sources runs one after the other in one namespace, and each record gets "case": the
+    index of the source that launched it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu_compile", str(arch)], input=code, text=True,
+    cases = json.dumps(code if isinstance(code, list) else [code])
+    proc = subprocess.run([sys.executable, "-m", "tests.gpu_compile", str(arch)], input=cases, text=True,
                           capture_output=True, cwd=ROOT, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"GPU compile for sm_{arch} failed:\n{proc.stderr[-4000:]}")
@@ -100,7 +103,12 @@ def _main(arch: int) -> None:
         return kernel
 
     JITFunction.run = compile_only
-    exec(compile(sys.stdin.read(), "<gpu_compile>", "exec"), {"__name__": "__gpu_compile__"})
+    namespace = {"__name__": "__gpu_compile__"}
+    for case, source in enumerate(json.loads(sys.stdin.read())):
+        start = len(records)
+        exec(compile(source, f"<gpu_compile case {case}>", "exec"), namespace)
+        for record in records[start:]:
+            record["case"] = case
     print(json.dumps(records, default=str))
 
 
