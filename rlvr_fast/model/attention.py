@@ -295,12 +295,15 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 
 
 def _split(length: int, heads: int) -> int:
-    """Rows of one pass-2 call become this many batch entries (keys broadcast): the CPU backward parallelises
-    over batch x heads only, so 9 heads on 2 threads would leave one thread idle a ninth of the time."""
+    """Into how many batch entries the rows of one pass-2 call are cut (the prompt's keys broadcast to
+    each, no copy). The CPU backward parallelises over batch x heads only (9 heads on 2 threads would
+    leave one idle a ninth of the time), and ~1k-row entries run the kernel's tiles faster than one long
+    entry (measured: 16 x 1024 rows over 128 keys ~10% less CPU time than 1 x 16384)."""
     threads = torch.get_num_threads()
-    if heads % threads == 0:
-        return 1
-    return next(nb for nb in range(threads, 0, -1) if length % nb == 0)
+    fits = [d for d in range(1, 65) if length % d == 0 and (d == 1 or length // d >= 768)]
+    balanced = [d for d in fits if d * heads % threads == 0]
+    balanced = balanced or [d for d in range(2, threads + 1) if length % d == 0 and d * heads % threads == 0]
+    return max(balanced or fits)
 
 
 def _cross(sp: SharedPrompts, m: int, heads: int) -> tuple[slice, slice, int] | None:
