@@ -50,6 +50,8 @@ def parse():
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the step's model (default: the model's)")
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--reps", type=int, default=5 if cuda else 2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the measuring children (default: "
+                   "torch's); 1 makes the comparison robust to other jobs on a shared machine")
     p.add_argument("--tree-max-tokens", type=int, default=9000, help="skip the tree mask above this group length")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--label", default="", help="a note for the results section (e.g. 'CPU shared with other jobs')")
@@ -107,6 +109,8 @@ def flex_attention_fn(batch):
 
 def make(variant: str, mode: str, device: str):
     a = parse()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     what, size = mode.split(":")
     p, g, c = parse_size(size)
     if variant == "flex" and device != "cuda":
@@ -207,6 +211,8 @@ def main():
                     f"completions of C tokens in one micro-batch.")
         desc += (" 'x faster' = plain time / shared time; memory ratio = shared / plain peak extra memory; "
                  "'tree / shared' = how many times slower the former tree-mask default is.")
+        if a.threads:
+            desc += f" torch.set_num_threads({a.threads})."
         if a.label:
             desc += f" Note: {a.label}."
         sections.append(f"{desc}\n\n" + markdown_table(header, rows))
