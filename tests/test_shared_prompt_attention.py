@@ -72,6 +72,16 @@ def test_fp32_outputs_and_grads_equal_the_dense_reference(layout, heads):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name} {what}: {m}")
 
 
+def test_calls_cut_at_max_rows_stay_exact(monkeypatch):
+    """Runs and pass-2 blocks cut into calls of at most CPU_MAX_ROWS rows (4096 in use; 5 here)."""
+    monkeypatch.setattr(attn, "CPU_MAX_ROWS", 5)
+    test_float64_path_is_exact(LAYOUTS[3])
+    test_float64_path_is_exact(LAYOUTS[4])
+    batch = PackedBatch.shared_prompt(*LAYOUTS[4])
+    assert max(count * length for _, count, length in batch.runs()) <= 6  # one 6-token sequence per call
+    assert max(qs.stop - qs.start for qs, _, _ in attn._cross(batch.shared, 4)) == 5
+
+
 @pytest.mark.parametrize("layout", LAYOUTS[2:5])
 def test_float64_path_is_exact(layout):
     """The kernels run in float64 too: the merge and the backward on the merged lse add no error of their own."""

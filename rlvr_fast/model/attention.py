@@ -68,6 +68,10 @@ except ImportError:
 # enable_gqa appeared in torch 2.5; older versions get K/V repeated per query head.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 _logged_backends: set[str] = set()
+# CPU shared-prompt path: rows per kernel call. Each call's results are copied into the output buffers
+# (the kernels have no out= form), so this bounds the extra memory; 4096 rows of 9 heads still keep
+# both cores busy (measured: P=128, G=16 x C=1024 peak 1.2x plain packing's, 2.2x with whole runs).
+CPU_MAX_ROWS = 4096
 
 
 def _log_backend_once(name: str) -> None:
@@ -131,15 +135,17 @@ class PackedBatch:
         return self.cu_seqlens.numel() - 1
 
     def runs(self) -> list[tuple[int, int, int]]:
-        """(first token, count, length) of each run of consecutive sequences of equal length: one run is
-        a [count, length] block of the packed tokens, one batched kernel call without any copy. A run never
-        spans the end of a shared-prompt batch's prompts."""
+        """(first token, count, length) of runs of consecutive sequences of equal length: one run is a
+        [count, length] block of the packed tokens, one batched kernel call without any copy. A run never
+        spans the end of a shared-prompt batch's prompts, and holds at most CPU_MAX_ROWS tokens unless one
+        sequence is longer: the CPU path copies each call's results into the output buffers, so only one
+        call's worth of them is alive at a time (the peak memory of plain packing, plus that)."""
         if self._runs is None:
             bounds, self._runs = self.cu_seqlens.tolist(), []
             split = self.shared.num_prompt_tokens if self.shared is not None else -1
             for a, b in zip(bounds, bounds[1:]):
                 last = self._runs[-1] if self._runs else None
-                if last is not None and last[2] == b - a and a != split:
+                if last is not None and last[2] == b - a and a != split and (last[1] + 1) * last[2] <= CPU_MAX_ROWS:
                     self._runs[-1] = (last[0], last[1] + 1, last[2])
                 else:
                     self._runs.append((a, 1, b - a))
@@ -306,12 +312,16 @@ def _split(length: int, heads: int) -> int:
     return max(balanced or fits)
 
 
-def _cross(sp: SharedPrompts, m: int, heads: int) -> tuple[slice, slice, int] | None:
-    """Pass 2 of prompt m: its completion rows, its prompt rows, and the batch split (None: no completion tokens)."""
-    qa, qb = sp.num_prompt_tokens + sp.block_bounds[m], sp.num_prompt_tokens + sp.block_bounds[m + 1]
-    if qa == qb:
-        return None
-    return slice(qa, qb), slice(sp.prompt_bounds[m], sp.prompt_bounds[m + 1]), _split(qb - qa, heads)
+def _cross(sp: SharedPrompts, heads: int) -> list[tuple[slice, slice, int]]:
+    """Pass-2 calls: (completion rows, their prompt's rows, batch split), at most CPU_MAX_ROWS completion rows
+    per call (for the same reason as PackedBatch.runs)."""
+    calls = []
+    for m in range(sp.num_prompts):
+        qa, qb = sp.num_prompt_tokens + sp.block_bounds[m], sp.num_prompt_tokens + sp.block_bounds[m + 1]
+        for a in range(qa, qb, CPU_MAX_ROWS):
+            b = min(a + CPU_MAX_ROWS, qb)
+            calls.append((slice(a, b), slice(sp.prompt_bounds[m], sp.prompt_bounds[m + 1]), _split(b - a, heads)))
+    return calls
 
 
 def _queries(x: torch.Tensor, rows: slice, nb: int) -> torch.Tensor:  # -> [nb, H, L / nb, ...]
@@ -322,41 +332,33 @@ def _keys(x: torch.Tensor, rows: slice, nb: int) -> torch.Tensor:  # -> [nb, H, 
     return x[rows].unsqueeze(0).transpose(1, 2).expand(nb, -1, -1, -1)
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 class _SharedPromptCPU(torch.autograd.Function):
     """Both passes of the module doc with the CPU flash kernel; saves q, k, v, the merged out and lse.
-    Each pass-1 result of a completion row is merged with its pass-2 result straight into the output
-    buffer (forward) or into dq (backward): no extra pass over the [N, H, D] tensors."""
+    Each kernel result is folded into the one output buffer (forward) or dq/dk/dv (backward) as soon as
+    it exists, so at most one call's results are alive besides them: the peak memory stays a few
+    [N, H, D] tensors."""
 
     @staticmethod
     def forward(ctx, q, k, v, batch: PackedBatch):
-        sp, n_p = batch.shared, batch.shared.num_prompt_tokens
-        parts = {True: ([], []), False: ([], [])}  # prompt rows?: (outputs, lses) of pass 1, in row order
+        sp = batch.shared
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:2], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)  # [N, Hq]
         for start, count, length in batch.runs():  # pass 1: every prompt and completion, causal
             o, l = _cpu_flash(*(_rows(x, start, count, length) for x in (q, k, v)), True)
-            parts[start < n_p][0].append(_packed(o))
-            parts[start < n_p][1].append(_packed(l))
-        out = torch.empty_like(q)
-        out[:n_p] = _cat(parts[True][0])
-        lse = torch.cat([_cat(parts[True][1])] + ([_cat(parts[False][1])] if parts[False][1] else []))  # [N, Hq]
-        out1 = _cat(parts[False][0]) if parts[False][0] else None  # pass 1 of the completion rows
-        for m in range(sp.num_prompts):  # pass 2: prompt m's completion tokens over prompt m's keys
-            cross = _cross(sp, m, q.shape[1])
-            if cross is None:
-                continue
-            qs, ks, nb = cross
+            _rows(out, start, count, length).copy_(o)
+            _rows(lse, start, count, length).copy_(l)
+            del o, l
+        for qs, ks, nb in _cross(sp, q.shape[1]):  # pass 2: each prompt's completion tokens over its keys
             o2, l2 = _cpu_flash(_queries(q, qs, nb), _keys(k, ks, nb), _keys(v, ks, nb), False)
-            o1, l1 = out1[qs.start - n_p:qs.stop - n_p], lse[qs]
+            o1, l1 = out[qs], lse[qs]
             d = _packed(l2) - l1  # merge: o = o1 + sigmoid(l2 - l1) (o2 - o1), lse = l1 + softplus(l2 - l1)
             w = torch.sigmoid(d).unsqueeze(-1)
             if o1.dtype == w.dtype:
-                torch.lerp(o1, _packed(o2), w, out=out[qs])
+                o1.lerp_(_packed(o2), w)
             else:  # bf16/fp16: blend in fp32, round once
-                out[qs] = torch.lerp(o1.float(), _packed(o2).float(), w)
+                o1.copy_(torch.lerp(o1.float(), _packed(o2).float(), w))
             l1.add_(F.softplus(d))
+            del o2, l2
         ctx.batch = batch
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -365,29 +367,20 @@ class _SharedPromptCPU(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         batch = ctx.batch
-        sp, n_p = batch.shared, batch.shared.num_prompt_tokens
         dout = dout.contiguous()
-        parts = {True: ([], [], []), False: ([], [], [])}
-        for start, count, length in batch.runs():  # every token is in exactly one pass-1 sequence
-            r = lambda x: _rows(x, start, count, length)  # noqa: E731
-            for acc, g in zip(parts[start < n_p], _cpu_flash_bwd(r(dout), r(q), r(k), r(v), r(out), r(lse), True)):
-                acc.append(_packed(g))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for grad, prompt_part, completion_part in zip((dq, dk, dv), parts[True], parts[False]):
-            grad[:n_p] = _cat(prompt_part)
-            if completion_part and grad is not dq:  # dq's completion rows: written by the sum below
-                grad[n_p:] = _cat(completion_part)
-        dq1 = _cat(parts[False][0]) if parts[False][0] else None
-        for m in range(sp.num_prompts):  # pass 2 adds to the completions' dq and the prompt's dk, dv
-            cross = _cross(sp, m, q.shape[1])
-            if cross is None:
-                continue
-            qs, ks, nb = cross
+        for start, count, length in batch.runs():  # every token is in exactly one pass-1 sequence: write
+            r = lambda x: _rows(x, start, count, length)  # noqa: E731
+            gq, gk, gv = _cpu_flash_bwd(r(dout), r(q), r(k), r(v), r(out), r(lse), True)
+            r(dq).copy_(gq), r(dk).copy_(gk), r(dv).copy_(gv)
+            del gq, gk, gv
+        for qs, ks, nb in _cross(batch.shared, q.shape[1]):  # pass 2 adds to the completions' dq, the prompts' dk, dv
             gq, gk, gv = _cpu_flash_bwd(_queries(dout, qs, nb), _queries(q, qs, nb), _keys(k, ks, nb), _keys(v, ks, nb),
                                         _queries(out, qs, nb), _queries(lse, qs, nb), False)
-            torch.add(dq1[qs.start - n_p:qs.stop - n_p], _packed(gq), out=dq[qs])
+            dq[qs] += _packed(gq)
             dk[ks] += _packed(gk.sum(0, keepdim=True)) if nb > 1 else _packed(gk)
             dv[ks] += _packed(gv.sum(0, keepdim=True)) if nb > 1 else _packed(gv)
+            del gq, gk, gv
         return dq, dk, dv, None
 
 
