@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import _run_child, append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
 
 VARIANTS = ["plain", "tree", "shared", "flex"]
 MODELS = {  # shapes only; weights are random
@@ -54,6 +54,8 @@ def parse():
                    "torch's); 1 makes the comparison robust to other jobs on a shared machine")
     p.add_argument("--tree-max-tokens", type=int, default=9000, help="skip the tree mask above this group length")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-mem", action="store_true", help="time only (each CPU memory child re-runs the case with "
+                   "every large buffer its own mmap, which takes minutes for a whole step on a busy machine)")
     p.add_argument("--label", default="", help="a note for the results section (e.g. 'CPU shared with other jobs')")
     p.add_argument("--no-write", action="store_true", help="print the table without appending to RESULTS.md")
     args, _ = p.parse_known_args()
@@ -157,7 +159,7 @@ def make_step(variant, batch, p, g, c, device, dtype, a):
     prompt = torch.randint(3, 1000, (p,), generator=gen).tolist()
     samples = [Sample(prompt, torch.randint(3, 1000, (c + 1,), generator=gen).tolist(), float(i % 2) - 0.5, i, group=0)
                for i in range(g)]  # c + 1 tokens: c fed, as in the layer rows
-    mb = make_micro_batch(samples, share_prompts=variant != "plain").to(device)
+    mb = make_micro_batch(samples, share_prompts=variant != "plain", min_prompt_ratio=0).to(device)
     packed = mb.packed_batch()
     if variant == "tree":
         attn_mod.shared_prompt_attention = lambda q, k, v, b: tree_mask_attention(q, k, v, b)
@@ -188,7 +190,11 @@ def main():
             default_sizes(device == "cuda") if what == "layer" or device == "cuda"
             else ["128x8x256", "1024x8x256", "128x8x1024", "1024x8x1024"])
         modes = [f"{what}:{s}" for s in sizes.split(",")]
-        res = run_all(script, variants, modes, device, a.reps, extra)
+        if a.no_mem:
+            res = {(v, mode): r for mode in modes
+                   for v, r in _run_child(script, variants, mode, "time", device, a.reps, extra).items()}
+        else:
+            res = run_all(script, variants, modes, device, a.reps, extra)
         header = ["P x G x C"] + [f"{v} ms" for v in variants] + [f"{v} MiB" for v in variants] + \
                  ["shared vs plain (time)", "shared vs plain (mem)", "tree / shared (time)"]
         rows = []
@@ -213,6 +219,8 @@ def main():
                  "'tree / shared' = how many times slower the former tree-mask default is.")
         if a.threads:
             desc += f" torch.set_num_threads({a.threads})."
+        if a.no_mem:
+            desc += " Memory not measured (--no-mem)."
         if a.label:
             desc += f" Note: {a.label}."
         sections.append(f"{desc}\n\n" + markdown_table(header, rows))

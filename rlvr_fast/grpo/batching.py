@@ -10,6 +10,13 @@ micro-batches under a token budget. Two layouts:
   lets each completion see its prompt and itself only (model/attention.py). With the multiply
   task's ~77-token prompt and ~30-token completions, a group of 8 is 317 tokens instead of 856.
   The hidden states, and so the loss and gradients, are those of the first layout.
+  A completion joins its group's shared prompt only when the prompt has at least
+  `min_prompt_ratio` (default SHARE_MIN_PROMPT_RATIO = 1) times as many tokens as the completion
+  feeds; a longer one gets its own copy of the prompt. Measured (bench/bench_shared_prompt.py,
+  bench/RESULTS.md, one attention layer on a busy 2-core CPU): prompt 1024 with completions of 256
+  or 1024 tokens, sharing is 1.1-2.1x faster and uses less memory; prompt 128 with completions of
+  256 or 1024 it was ~0.6x the speed of plain packing there (the same work, ~10x more small kernel
+  calls, which other jobs on the machine stall), at parity with one thread per process.
 
 The loss only needs the hidden states that predict completion tokens: the state at a token
 predicts the next one, so completion token 0 is predicted by the prompt's last token and token t
@@ -24,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.model.attention import PackedBatch
+
+SHARE_MIN_PROMPT_RATIO = 1.0  # see the module doc
 
 
 @dataclass
@@ -80,15 +89,18 @@ class MicroBatch:
         return self
 
 
-def _shares_prompt(prev: Sample | None, s: Sample) -> bool:
-    return prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
+def _shares_prompt(prev: Sample | None, s: Sample, min_prompt_ratio: float) -> bool:
+    return (prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
+            and len(s.prompt_ids) >= min_prompt_ratio * (len(s.completion_ids) - 1))
 
 
-def make_micro_batch(samples: list[Sample], share_prompts: bool = True) -> MicroBatch:
-    """Pack samples in order; with share_prompts, consecutive samples of one group share one prompt copy."""
+def make_micro_batch(samples: list[Sample], share_prompts: bool = True,
+                     min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> MicroBatch:
+    """Pack samples in order; with share_prompts, consecutive samples of one group share one prompt copy
+    (each completion whose prompt has at least min_prompt_ratio times its fed tokens; 0: all)."""
     groups: list[list[Sample]] = []  # consecutive samples that share a prompt (singletons without sharing)
     for s in samples:
-        if share_prompts and groups and _shares_prompt(groups[-1][-1], s):
+        if share_prompts and groups and _shares_prompt(groups[-1][-1], s, min_prompt_ratio):
             groups[-1].append(s)
         else:
             groups.append([s])
@@ -135,13 +147,14 @@ def make_micro_batch(samples: list[Sample], share_prompts: bool = True) -> Micro
                       completion_lens, predictor, targets, mask, adv)
 
 
-def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True) -> list[list[Sample]]:
+def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True,
+                    min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> list[list[Sample]]:
     """Greedy, in order: fill each micro-batch up to `budget` fed tokens (a longer sample gets its own).
     With share_prompts a sample that continues its group's segment costs only its completion."""
     batches: list[list[Sample]] = []
     used = budget + 1
     for s in samples:
-        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s)
+        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s, min_prompt_ratio)
         cost = len(s.completion_ids) - 1 if shared else s.length
         if used + cost > budget:
             batches.append([])
