@@ -24,16 +24,21 @@ def samples() -> list[Sample]:
 
 def test_layouts_and_token_counts():
     s = samples()
-    plain, shared = make_micro_batch(s, share_prompts=False), make_micro_batch(s, share_prompts=True)
-    assert plain.branch_ids is None and plain.cu_seqlens.numel() == len(s) + 1
+    plain, shared = make_micro_batch(s, share_prompts=False), make_micro_batch(s, min_prompt_ratio=0)
+    assert plain.prompt_lens is None and plain.cu_seqlens.numel() == len(s) + 1
     assert plain.num_input_tokens == sum(x.length for x in s)
-    # Three sequences: group 0 (7 + 4 + 0 + 2 fed), group 1 (4 + 1 + 5), the lone sample (3 + 3).
-    assert shared.cu_seqlens.tolist() == [0, 13, 23, 29]
-    assert shared.branch_ids[:13].tolist() == [0] * 7 + [1] * 4 + [3] * 2
-    assert shared.positions[:13].tolist() == list(range(7)) + list(range(7, 11)) + [7, 8]
+    # Prompts first (group 0: 7, group 1: 4, the lone sample: 3), then the completions' fed tokens
+    # (4, 0, 2 | 1, 5 | 3); the empty one is no sequence.
+    assert shared.prompt_lens == [7, 4, 3] and shared.completion_lens == [[4, 0, 2], [1, 5], [3]]
+    assert shared.cu_seqlens.tolist() == [0, 7, 11, 14, 18, 20, 21, 26, 29]
+    assert shared.positions.tolist() == [*range(7), *range(4), *range(3), *range(7, 11), 7, 8, 4, *range(4, 9), 3, 4, 5]
+    assert shared.input_ids[:7].tolist() == s[0].prompt_ids and shared.input_ids[14:18].tolist() == s[0].completion_ids[:-1]
+    assert shared.predictor_index[0, :5].tolist() == [6, 14, 15, 16, 17] and shared.predictor_index[1, 0] == 6
     assert torch.equal(plain.targets, shared.targets) and torch.equal(plain.mask, shared.mask)
     # The budget counts a continuing completion without its prompt.
-    assert split_by_tokens(s, 13) == [s[:3], s[3:5], s[5:]]
+    assert split_by_tokens(s, 13, min_prompt_ratio=0) == [s[:3], s[3:5], s[5:]]
+    # The default rule: group 1's second completion (5 fed tokens) is longer than its 4-token prompt.
+    assert make_micro_batch(s).completion_lens == [[4, 0, 2], [1], [5], [3]]
     assert split_by_tokens(s, 13, share_prompts=False) == [[x] for x in s]  # 11, 7, 9, 5, 9, 6 tokens
 
 
@@ -44,7 +49,7 @@ def test_shared_prompt_hidden_states_and_gradients_equal_plain(dtype):
                                                     "model_type": "llama"})).to(dtype)
     results = []
     for share in (False, True):
-        mb = make_micro_batch(samples(), share_prompts=share)
+        mb = make_micro_batch(samples(), share_prompts=share, min_prompt_ratio=0)
         model.zero_grad()
         hidden = mb.gather(model.forward_packed(mb.input_ids, mb.packed_batch()))  # [B, T, H]
         (hidden.float() * mb.mask[..., None]).pow(2).sum().backward()

@@ -4,11 +4,19 @@ Sequences are packed back to back (no padding in the model's forward) and groupe
 micro-batches under a token budget. Two layouts:
 
 * one sequence per completion, prompt + completion (share_prompts=False);
-* shared-prompt segments (share_prompts=True, the default): the completions of one group that land
-  in the same micro-batch follow a single copy of their prompt, [prompt, c1, c2, ...], and the
-  model's tree mask keeps each completion from seeing the others (model/attention.py). With the
-  multiply task's ~77-token prompt and ~30-token completions, a group of 8 is 317 tokens instead
-  of 856. The hidden states, and so the loss and gradients, are those of the first layout.
+* shared prompts (share_prompts=True): the completions of one group that land in the same
+  micro-batch share a single copy of their prompt. Tokens go prompts first, then each prompt's
+  completions, [p_1, ..., p_M, c_11, c_12, ..., c_21, ...], and the model's shared-prompt attention
+  lets each completion see its prompt and itself only (model/attention.py). With the multiply
+  task's ~77-token prompt and ~30-token completions, a group of 8 is 317 tokens instead of 856.
+  The hidden states, and so the loss and gradients, are those of the first layout.
+  A completion joins its group's shared prompt only when the prompt has at least
+  `min_prompt_ratio` (default SHARE_MIN_PROMPT_RATIO = 1) times as many tokens as the completion
+  feeds; a longer one gets its own copy of the prompt. Measured (bench/bench_shared_prompt.py,
+  bench/RESULTS.md, one attention layer on a busy 2-core CPU): prompt 1024 with completions of 256
+  or 1024 tokens, sharing is 1.1-2.1x faster and uses less memory; prompt 128 with completions of
+  256 or 1024 it was ~0.6x the speed of plain packing there (the same work, ~10x more small kernel
+  calls, which other jobs on the machine stall), at parity with one thread per process.
 
 The loss only needs the hidden states that predict completion tokens: the state at a token
 predicts the next one, so completion token 0 is predicted by the prompt's last token and token t
@@ -23,6 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.model.attention import PackedBatch
+
+SHARE_MIN_PROMPT_RATIO = 1.0  # see the module doc
 
 
 @dataclass
@@ -49,7 +59,8 @@ class MicroBatch:
     cu_seqlens: torch.Tensor     # [S + 1] int32, one entry per packed sequence (or segment)
     max_seqlen: int
     positions: torch.Tensor      # [N] rotary position of each token
-    branch_ids: torch.Tensor | None  # [N] 0 = prompt, j = j-th completion of the segment; None: plain sequences
+    prompt_lens: list[int] | None  # shared prompts: tokens of each prompt (None: plain sequences)
+    completion_lens: list[list[int]] | None  # shared prompts: fed tokens of each prompt's completions
     predictor_index: torch.Tensor  # [B, T] flat position in the packed batch whose hidden state predicts each target
     targets: torch.Tensor        # [B, T] completion token ids (0 where masked)
     mask: torch.Tensor           # [B, T] 1.0 for real completion tokens
@@ -64,74 +75,86 @@ class MicroBatch:
         return self.input_ids.numel()
 
     def packed_batch(self) -> PackedBatch:
-        if self.branch_ids is None:
+        if self.prompt_lens is None:
             return PackedBatch.from_cu_seqlens(self.cu_seqlens, self.max_seqlen)
-        return PackedBatch.shared_prompt(self.cu_seqlens, self.positions, self.branch_ids, self.max_seqlen)
+        return PackedBatch.shared_prompt(self.prompt_lens, self.completion_lens, device=self.input_ids.device)
 
     def gather(self, hidden: torch.Tensor) -> torch.Tensor:
         """Packed hidden [N, H] -> [B, T, H] hidden states of the completion predictors."""
         return hidden[self.predictor_index]
 
     def to(self, device: torch.device) -> "MicroBatch":
-        for name in ("input_ids", "cu_seqlens", "positions", "branch_ids", "predictor_index", "targets", "mask",
-                     "advantages"):
-            value = getattr(self, name)
-            setattr(self, name, None if value is None else value.to(device))
+        for name in ("input_ids", "cu_seqlens", "positions", "predictor_index", "targets", "mask", "advantages"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
 
-def _shares_prompt(prev: Sample | None, s: Sample) -> bool:
-    return prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
+def _shares_prompt(prev: Sample | None, s: Sample, min_prompt_ratio: float) -> bool:
+    return (prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
+            and len(s.prompt_ids) >= min_prompt_ratio * (len(s.completion_ids) - 1))
 
 
-def make_micro_batch(samples: list[Sample], share_prompts: bool = True) -> MicroBatch:
-    """Pack samples in order; with share_prompts, consecutive samples of one group form one segment."""
-    ids: list[int] = []
-    positions: list[int] = []
-    branches: list[int] = []
-    seq_starts: list[int] = []
+def make_micro_batch(samples: list[Sample], share_prompts: bool = True,
+                     min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> MicroBatch:
+    """Pack samples in order; with share_prompts, consecutive samples of one group share one prompt copy
+    (each completion whose prompt has at least min_prompt_ratio times its fed tokens; 0: all)."""
+    groups: list[list[Sample]] = []  # consecutive samples that share a prompt (singletons without sharing)
+    for s in samples:
+        if share_prompts and groups and _shares_prompt(groups[-1][-1], s, min_prompt_ratio):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    shared = len(groups) < len(samples)
     t_max = max(len(s.completion_ids) for s in samples)
     predictor = torch.zeros(len(samples), t_max, dtype=torch.long)
     targets = torch.zeros(len(samples), t_max, dtype=torch.long)
     mask = torch.zeros(len(samples), t_max)
-    prev, branch, last_prompt = None, 0, 0
-    for i, s in enumerate(samples):
-        lp, lc = len(s.prompt_ids), len(s.completion_ids)
-        if share_prompts and _shares_prompt(prev, s):
-            branch += 1
-        else:  # a new sequence: its prompt first
-            seq_starts.append(len(ids))
-            last_prompt = len(ids) + lp - 1
+    ids: list[int] = []
+    # Where each sample's prompt ends and its completion's fed tokens (all but the last) start.
+    last_prompt: list[int] = []
+    first: list[int] = []
+    if shared:  # prompts first, then each prompt's completions
+        for g in groups:
+            ids += g[0].prompt_ids
+            last_prompt += [len(ids) - 1] * len(g)
+        for s in samples:
+            first.append(len(ids))
+            ids += s.completion_ids[:-1]
+        prompt_lens = [len(g[0].prompt_ids) for g in groups]
+        completion_lens = [[max(len(s.completion_ids) - 1, 0) for s in g] for g in groups]
+        batch = PackedBatch.shared_prompt(prompt_lens, completion_lens)
+        cu, max_len, positions = batch.cu_seqlens, batch.max_seqlen, batch.positions
+    else:  # one sequence per sample: its prompt, then its completion
+        bounds, positions_list = [0], []
+        for s in samples:
             ids += s.prompt_ids
-            positions += range(lp)
-            branches += [0] * lp
-            branch = 1
-        first = len(ids)  # where this completion's fed tokens (all but its last) start
-        ids += s.completion_ids[:-1]
-        positions += range(lp, lp + lc - 1)
-        branches += [branch] * (lc - 1)
-        predictor[i, 0] = last_prompt
-        predictor[i, 1:lc] = torch.arange(first, first + lc - 1)
-        predictor[i, lc:] = last_prompt  # any valid row; masked out
-        targets[i, :lc] = torch.tensor(s.completion_ids)
+            last_prompt.append(len(ids) - 1)
+            first.append(len(ids))
+            ids += s.completion_ids[:-1]
+            bounds.append(len(ids))
+            positions_list += range(bounds[-1] - bounds[-2])
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+        positions, prompt_lens, completion_lens = torch.tensor(positions_list), None, None
+    for i, s in enumerate(samples):
+        lc = len(s.completion_ids)
+        predictor[i, :] = last_prompt[i]  # completion token 0; padding rows (masked out) too
+        predictor[i, 1:lc] = torch.arange(first[i], first[i] + lc - 1)
+        targets[i, :lc] = torch.tensor(s.completion_ids, dtype=torch.long)
         mask[i, :lc] = 1.0
-        prev = s
-    bounds = seq_starts + [len(ids)]
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    shared = share_prompts and len(seq_starts) < len(samples)
-    return MicroBatch(samples, torch.tensor(ids, dtype=torch.long), cu, max_len, torch.tensor(positions),
-                      torch.tensor(branches) if shared else None, predictor, targets, mask, adv)
+    return MicroBatch(samples, torch.tensor(ids, dtype=torch.long), cu, max_len, positions, prompt_lens,
+                      completion_lens, predictor, targets, mask, adv)
 
 
-def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True) -> list[list[Sample]]:
+def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True,
+                    min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> list[list[Sample]]:
     """Greedy, in order: fill each micro-batch up to `budget` fed tokens (a longer sample gets its own).
     With share_prompts a sample that continues its group's segment costs only its completion."""
     batches: list[list[Sample]] = []
     used = budget + 1
     for s in samples:
-        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s)
+        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s, min_prompt_ratio)
         cost = len(s.completion_ids) - 1 if shared else s.length
         if used + cost > budget:
             batches.append([])

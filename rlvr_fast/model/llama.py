@@ -169,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward_packed(self, input_ids: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """Final hidden states [N, H] of packed input_ids [N] laid out by `batch` (e.g. the trainer's
-        shared-prompt segments, PackedBatch.shared_prompt)."""
+        shared-prompt batches, PackedBatch.shared_prompt: prompts first, then their completions)."""
         return self._run(input_ids, batch)
 
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCacheContext) -> torch.Tensor:
