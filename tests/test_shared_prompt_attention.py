@@ -6,6 +6,7 @@ tree-mask SDPA path, and plain packing (every completion with its own copy of th
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import types
@@ -16,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlvr_fast import LlamaConfig, LlamaForCausalLM
 from rlvr_fast.grpo.batching import Sample, make_micro_batch
+from rlvr_fast.kernels._common import interpreting
+from rlvr_fast.kernels.flash_attention import flash_attention
 from rlvr_fast.model import attention as attn
 from rlvr_fast.model.attention import PackedBatch, shared_prompt_attention, shared_prompt_gathered
 from rlvr_fast.model.attention_reference import (masked_attention, shared_prompt_mask, tree_mask_attention,
@@ -50,11 +53,16 @@ def outputs_and_grads(fn, q, k, v, grad_out):
 
 
 def paths(batch: PackedBatch) -> dict:
-    return {
+    found = {
         "cpu two-pass": lambda q, k, v: shared_prompt_attention(q, k, v, batch),
         "gathered (CUDA formulation)": lambda q, k, v: shared_prompt_gathered(q, k, v, batch, varlen_attention_reference),
         "tree mask": lambda q, k, v: tree_mask_attention(q, k, v, batch),
     }
+    if interpreting():  # the CUDA formulation on the Triton kernel it runs with on a GPU without flash-attn
+        triton_varlen = functools.partial(flash_attention, backend="triton")
+        found["gathered + Triton flash_attention"] = lambda q, k, v: shared_prompt_gathered(q, k, v, batch,
+                                                                                             triton_varlen)
+    return found
 
 
 @pytest.mark.parametrize("heads", HEADS)
