@@ -1,5 +1,6 @@
 """The multiply reward on hand-written completions, the curriculum, and the held-out set."""
 
+import json
 import random
 
 import pytest
@@ -67,19 +68,57 @@ def test_training_never_draws_held_out_problems(digits, eval_size, expected):
         assert len(drawn) == 100 - expected  # every other 1x1 problem is still trained on
 
 
-def test_curriculum_levels_and_promotion():
+def groups(task, problems, solved):
+    """Each problem's group of 2 completions: one right if solved(problem) else none."""
+    return task.observe(problems, [[float(solved(p)), 0.0] for p in problems])
+
+
+def sizes(problems):
+    return [(len(str(p.meta["a"])), len(str(p.meta["b"]))) for p in problems]
+
+
+def test_curriculum_levels():
     assert curriculum_levels((4, 2)) == [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2)]
     assert curriculum_levels((1, 1)) == [(1, 1)]
-    task = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5)
+
+
+def test_curriculum_moves_up_only_when_probes_of_the_next_level_are_solved():
+    rng = random.Random(0)
+    task = MultiplyTask(digits=(2, 2), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
+    assert task.current_digits == (1, 1) and not task.probing
+    assert sizes(task.sample(rng, 4)) == [(1, 1)] * 4
+    assert groups(task, task.sample(rng, 1), lambda p: True) is None   # 2 of 4 completions: window not full
+    assert groups(task, task.sample(rng, 1), lambda p: True) is None   # full, 2/4 >= 0.5: probing starts
+    assert task.probing and task.current_digits == (1, 1)
+    problems = task.sample(rng, 8)
+    assert sizes(problems) == [(1, 1)] * 6 + [(2, 1)] * 2              # a quarter of the prompts probe
+    # Probes never solved: no promotion however accurate the current level is.
+    for _ in range(3):
+        assert groups(task, task.sample(rng, 8), lambda p: p.meta["a"] < 10) is None
     assert task.current_digits == (1, 1)
-    assert not task.observe([1.0, 0.0, 0.0])  # window not full yet
-    assert task.observe([1.0])                # 2/4 >= 0.5
-    assert task.current_digits == (2, 1)
-    assert not task.observe([1.0] * 8)        # already at the target
-    state = task.state_dict()
-    fresh = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5)
+    # One probe group in four solved: up.
+    problems = task.sample(rng, 4)
+    assert groups(task, problems, lambda p: True) == "up"
+    assert task.current_digits == (2, 1) and not task.probing
+    state = json.loads(json.dumps(task.state_dict()))  # JSON-serialisable, and it round-trips
+    fresh = MultiplyTask(digits=(2, 2), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
     fresh.load_state_dict(state)
-    assert fresh.current_digits == (2, 1)
+    assert fresh.current_digits == (2, 1) and fresh.state_dict() == task.state_dict()
+
+
+def test_curriculum_moves_down_after_steps_without_a_right_answer():
+    rng = random.Random(0)
+    task = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
+    task.load_state_dict({"level": 1, "recent": [], "probes": [], "dry_steps": 0})
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: True) is None   # a right answer resets the count
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) == "down"
+    assert task.current_digits == (1, 1)
+    for _ in range(5):  # the first level never moves down
+        assert groups(task, task.sample(rng, 4), lambda p: False) is None
 
 
 def test_bad_digits():

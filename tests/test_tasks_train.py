@@ -86,9 +86,9 @@ def test_a_hanging_user_reward_times_out_and_training_goes_on(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(args(tiny, out, "--task", "jsonl", "--data", data, "--eval-size", "1", "--steps", "1",
                      "--reward", "tests.reward_fixtures:hang_on_request", "--reward-timeout", "0.5",
-                     "--reward-workers", "4")) == 0
+                     "--reward-workers", "4", "--max-oversample", "1")) == 0
     (m,) = records(out / "metrics.jsonl")
-    assert m["reward_timeouts"] == 8 and m["reward_mean"] == 0.0
+    assert m["reward_timeouts"] == 8 and m["reward_mean"] == 0.0 and m["groups_kept"] == 0
     assert [e["reward_timeouts"] for e in records(out / "eval.jsonl")] == [1, 1]
 
 

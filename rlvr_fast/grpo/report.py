@@ -39,9 +39,12 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(m: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"  # None: every group had equal rewards, no update
+    # None: every group had equal rewards, no update
+    kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"
+    ent = "-" if m.get("entropy") is None else f"{m['entropy']:.2f}"
+    groups = f"groups {m['groups_kept']}/{m['groups_drawn']}" if "groups_kept" in m else ""
     return (f"step {m['step']:>4}/{total_steps} | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
-            f"fmt {m['format_rate']:.2f} | len {m['completion_len_mean']:.0f} | kl {kl} | "
+            f"fmt {m['format_rate']:.2f} | len {m['completion_len_mean']:.0f} | {groups} | ent {ent} | kl {kl} | "
             f"{m['rollout_tokens_per_s']:.0f} tok/s | {m['step_time_s']:.1f}s/step | eta {format_duration(eta_s)}")
 
 
