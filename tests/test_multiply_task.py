@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from rlvr_fast.tasks.multiply import PROMPT, MultiplyTask, curriculum_levels, multiply_reward
+from rlvr_fast.tasks.multiply import PROMPT, MultiplyTask, curriculum_levels, multiply_reward, worked_product
 
 PRODUCT = 1497 * 63  # 94311
 
@@ -124,3 +124,46 @@ def test_curriculum_moves_down_after_steps_without_a_right_answer():
 def test_bad_digits():
     with pytest.raises(ValueError, match="--digits"):
         MultiplyTask(digits=(0, 2))
+
+
+def check_worked_product(text: str, a: int, b: int) -> None:
+    """Every step of the worked product is true arithmetic, and its lines end at a * b."""
+    lines = text.split("\n")
+    assert len(lines) == 2 * len(str(b)) - 1  # a partial product per digit of b, a running sum after the first
+    for line in lines:
+        *steps, so, claim = line.split(" ")
+        assert so == "so"
+        for step in steps:
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs), step  # noqa: S307 (digits and + * only)
+        lhs, rhs = claim.split("=")
+        assert eval(lhs) == int(rhs), claim  # noqa: S307
+        # the value claimed is the last step's value followed by the earlier steps' last digits (then the zeros
+        # of the place of b's digit)
+        values = [step.split("=")[1] for step in steps]
+        digits = values[-1] + "".join(v[-1] for v in reversed(values[:-1]))
+        zeros = len(lhs.split("*")[1]) - 1 if "*" in lhs else 0
+        assert rhs == str(int(digits)) + "0" * zeros if int(digits) else rhs == "0", line
+    assert lines[-1].endswith(f"={a * b}")
+
+
+def test_worked_product_example():
+    assert worked_product(47, 38) == ("7*8=56 4*8+5=37 so 47*8=376\n7*3=21 4*3+2=14 so 47*30=1410\n"
+                                      "6+0=6 7+1=8 3+4=7 0+1=1 so 376+1410=1786")
+
+
+@pytest.mark.parametrize("digits", [(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)])
+def test_demonstrations_are_right_worked_products_with_the_answer_line(digits):
+    task = MultiplyTask(digits=digits)
+    demos = task.demonstrations(random.Random(0), 40)
+    held_out = {(p.meta["a"], p.meta["b"]) for p in task.eval_problems()}
+    seen = set()
+    for problem, (text,) in demos:
+        a, b = problem.meta["a"], problem.meta["b"]
+        assert (a, b) not in held_out
+        seen.add((len(str(a)), len(str(b))))
+        work, answer = text.rsplit("\n", 1)
+        check_worked_product(work, a, b)
+        assert answer == f"Final Answer: the final answer is {a * b}. I hope it is correct."
+        assert task.score(problem, text) == {"correct": 1.0, "format": 1.0}
+    assert digits in seen and (digits == (1, 1) or len(seen) > 1)  # sizes are mixed

@@ -91,6 +91,12 @@ def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with; "
                          "give the model's tokenizer_config.json an eos_token, or drop --cold-start-steps")
+    # A model taught completions longer than --max-new-tokens would be cut off before its answer in every rollout.
+    longest = max(len(tokenizer.encode(text, add_special_tokens=False)) + 1
+                  for _, texts in task.demonstrations(random.Random(0), 16) for text in texts)
+    if longest > cfg.max_new_tokens:
+        raise ValueError(f"--cold-start-steps: the task's demonstrations take up to {longest} tokens, more than "
+                         f"--max-new-tokens {cfg.max_new_tokens}: raise --max-new-tokens to at least {longest + 8}")
 
 
 class GRPOTrainer:

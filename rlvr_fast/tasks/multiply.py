@@ -52,6 +52,44 @@ def multiply_reward(completion: str, product: int) -> dict[str, float]:
     return {"correct": float(answer == product), "format": format_score(completion)}
 
 
+def worked_product(a: int, b: int) -> str:
+    """A worked multiplication, short and checkable line by line (the cold-start demonstrations): one line per
+    digit of b, a's digits times it from the right with the carry added ("4*8+5=37"), then the running sum
+    column by column from the right with its carry ("3+4+1=8", 0 for a missing digit). Each line ends with
+    what it proved ("so 47*8=376"): the last step's value followed by the earlier steps' last digits.
+
+        7*8=56 4*8+5=37 so 47*8=376
+        7*3=21 4*3+2=14 so 47*30=1410
+        6+0=6 7+1=8 3+4=7 0+1=1 so 376+1410=1786
+    """
+    lines, total = [], None
+    for place, digit in enumerate(reversed(str(b))):
+        d, carry, steps = int(digit), 0, []
+        for x in reversed(str(a)):
+            value = int(x) * d + carry
+            steps.append(f"{x}*{d}{f'+{carry}' if carry else ''}={value}")
+            carry = value // 10
+        partial = a * d * 10**place
+        lines.append(" ".join(steps) + f" so {a}*{d}{'0' * place}={partial}")
+        if total is None:
+            total = partial
+            continue
+        xs, ys, carry, steps = str(total)[::-1], str(partial)[::-1], 0, []
+        for i in range(max(len(xs), len(ys))):
+            x, y = (int(s[i]) if i < len(s) else 0 for s in (xs, ys))
+            value = x + y + carry
+            steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={value}")
+            carry = value // 10
+        lines.append(" ".join(steps) + f" so {total}+{partial}={total + partial}")
+        total += partial
+    return "\n".join(lines)
+
+
+def answer_line(product: int) -> str:
+    """The blog's answer line, which ANSWER_RE reads."""
+    return f"Final Answer: the final answer is {product}. I hope it is correct."
+
+
 def curriculum_levels(target: tuple[int, int]) -> list[tuple[int, int]]:
     """Digit sizes from 1 x 1 up to the target, growing the larger operand first: (1,1), (2,1), ..."""
     a_max, b_max = target
@@ -147,6 +185,19 @@ class MultiplyTask:
         if digits not in self._held_out_cache:
             self._held_out_cache[digits] = set(self._eval_pairs(digits))
         return self._held_out_cache[digits]
+
+    def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
+        """Cold-start demonstrations (--cold-start-steps): n training problems, each with its worked product
+        (`worked_product`) and the answer line. Sizes are mixed: the target half of the time, otherwise any
+        smaller curriculum level (a model shown only 2 x 2 reads the single digit of 2 x 1 as a tens digit)."""
+        levels = curriculum_levels(self.digits)
+        out = []
+        for _ in range(n):
+            digits = self.digits if len(levels) == 1 or rng.random() < 0.5 else rng.choice(levels[:-1])
+            (problem,) = self.sample_at(digits, rng, 1)
+            a, b = problem.meta["a"], problem.meta["b"]
+            out.append((problem, [worked_product(a, b) + "\n" + answer_line(a * b)]))
+        return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return multiply_reward(completion, int(problem.answer))
