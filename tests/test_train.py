@@ -311,3 +311,33 @@ def test_entropy_is_that_of_the_loss_pass(tiny, tmp_path):
     plain, bonus = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("plain", "bonus"))
     assert plain["entropy_train"] is None and plain["entropy"] > 0.5
     assert plain["entropy"] == pytest.approx(bonus["entropy_train"], rel=1e-5) == bonus["entropy"]
+
+
+def test_report_to_tensorboard_and_a_readable_plot(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "digits-test", "--steps", "2", "--report-to", "tensorboard")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward_mean", "train/entropy", "train/kl", "train/signal_frac", "eval/target/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/reward_mean")] == [1, 2]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/reward_mean")] == pytest.approx([r["reward_mean"] for r in records])
+    from matplotlib.image import imread
+    image = imread(out / "plot.png")
+    assert image.shape[0] > 400 and image.shape[1] > 400 and image.std() > 0.05  # drawn, not blank
+
+
+def test_report_to_a_missing_package_fails_before_work(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--steps", "1", "--report-to", "wandb"))
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--steps", "1", "--report-to", "mlflow"))
+    assert "--report-to takes tensorboard or wandb" in capsys.readouterr().err

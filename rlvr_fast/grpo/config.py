@@ -153,6 +153,8 @@ class TrainConfig:
         unknown = [r for r in self.report_to if r not in REPORTERS]
         if unknown:
             raise ValueError(f"--report-to takes {' or '.join(REPORTERS)}, got {', '.join(map(repr, unknown))}")
+        from rlvr_fast.grpo.report import check_reporters
+        check_reporters(self.report_to)
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:

@@ -43,7 +43,7 @@ from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
-from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
+from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
@@ -141,6 +141,7 @@ class GRPOTrainer:
         self.samples = self.dist.writer(output / "samples.jsonl")
         self.evals = self.dist.writer(output / "eval.jsonl")
         self.cold_start_log = self.dist.writer(output / "cold_start.jsonl")
+        self.reporters = Reporters(cfg.report_to, output, cfg.to_dict()) if cfg.report_to and self.dist.is_main else None
 
     def _adamw(self, lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(self.master.master_params, lr=lr, weight_decay=self.cfg.weight_decay,
@@ -369,11 +370,11 @@ class GRPOTrainer:
             # Each round's prompts get their own sampling streams; round 0's are those of plain GRPO.
             ro = self.rollout(problems[mine], params, cfg.group_size, first_prompt_index=r * len(problems) + mine.start)
             rounds.append(gather_rollout(self.dist, ro))  # all groups: every rank takes the same decisions
-            signal += int((~group_advantages(rounds[-1].rewards)[1]).sum())
+            signal += int((~group_advantages(rounds[-1].rewards, cfg.scale_rewards)[1]).sum())
             if signal >= cfg.prompts_per_step:
                 break
         ro = concat_rollouts(rounds)
-        zero_std = group_advantages(ro.rewards)[1]
+        zero_std = group_advantages(ro.rewards, cfg.scale_rewards)[1]
         keep = [i for i in range(len(zero_std)) if not zero_std[i]][:cfg.prompts_per_step]
         return ro, keep
 
@@ -392,7 +393,7 @@ class GRPOTrainer:
         for k, s in enumerate(samples):
             s.index = k
         micro_batches, num_samples, num_tokens = self.pack(samples)
-        t_ref = t_update = 0.0
+        t_ref = t_policy = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
@@ -400,13 +401,16 @@ class GRPOTrainer:
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
-            # The policy's entropy over the trained completions, exact (the entropy bonus's loss pass has it).
+            t_ref = time.perf_counter() - t1
+            # Old log-probs, and the policy's exact entropy over the trained completions in the same no-grad pass
+            # (with an entropy bonus the loss pass has it instead).
             old_lp = None
             if cfg.num_iterations > 1 or cfg.entropy_coef == 0:
                 self.model.eval()
                 lp, entropy = self._logprobs_pass(self.model, micro_batches, len(samples), entropy=cfg.entropy_coef == 0)
                 old_lp = lp if cfg.num_iterations > 1 else None
-            t_ref = time.perf_counter() - t1
+            t_policy = time.perf_counter() - t1 - t_ref
+            t1 = time.perf_counter()
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
             for i in range(cfg.num_iterations):
                 # The gap is that of the policy the rollout sampled from: measured in the first pass only.
@@ -414,7 +418,7 @@ class GRPOTrainer:
                 if i == 0:
                     rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
                     entropy = entropy if cfg.entropy_coef == 0 else upd["entropy_train"]
-            t_update = time.perf_counter() - t1 - t_ref
+            t_update = time.perf_counter() - t1
         self.step += 1
 
         correct_groups = [[c.get("correct", 0.0) for c in row] for row in ro.components]
@@ -456,6 +460,7 @@ class GRPOTrainer:
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
+            "time_old_logprobs_entropy_s": t_policy,
             "step_time_s": time.perf_counter() - t0,
             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
             "peak_memory_scope": peak_memory_scope(self.device),
@@ -464,6 +469,8 @@ class GRPOTrainer:
             m["level"] = list(level)
             m["promoted"], m["demoted"] = moved == "up", moved == "down"
         self.metrics.write(m)
+        if self.reporters is not None:
+            self.reporters.log(m, self.step, "train/")
         if self.bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
                                 "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
@@ -538,6 +545,9 @@ class GRPOTrainer:
         if self.step == 0 and self.cold_start_done:
             result["after_cold_start"] = True
         self.evals.write(result)
+        if self.reporters is not None:
+            stage = "after_cold_start/" if result.get("after_cold_start") else ""
+            self.reporters.log({**result, **result["components"]}, self.step, f"eval/{label}/{stage}")
         return result
 
     def eval_sets(self) -> list[tuple[str, list[Problem]]]:
@@ -560,8 +570,17 @@ class GRPOTrainer:
                 self.dist.print("  accuracy by kind: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['size']})"
                                                                    for k, v in r["by_kind"].items()))
         if self.dist.is_main:
-            write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
+            write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"],
+                       title=self.plot_title())
         return results
+
+    def plot_title(self) -> str:
+        cfg = self.cfg
+        size = f" {cfg.digits[0]} x {cfg.digits[1]} digits" if cfg.task == "multiply" else ""
+        model = Path(cfg.model).name if cfg.model else "SmolLM2-135M-Instruct"
+        cold = f", {cfg.cold_start_steps} cold-start steps" if cfg.cold_start_steps else ""
+        return (f"GRPO: {cfg.task}{size}, {model}{cold}\n{cfg.prompts_per_step} prompts x {cfg.group_size} completions "
+                f"per step, lr {cfg.lr:g}, temperature {cfg.temperature:g}")
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -636,6 +655,8 @@ class GRPOTrainer:
         after = self.run_evals()
         if self.reward_pool is not None:
             self.reward_pool.close()
+        if self.reporters is not None:
+            self.reporters.close()
         self.save()
         if cfg.merge and self.dist.is_main:
             merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")
