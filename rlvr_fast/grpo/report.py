@@ -71,7 +71,8 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
             ax.set_ylim(*ylim)
     before = [e for e in evals if e["step"] == 0 and not e.get("after_cold_start")][:1]
     cold = [e for e in evals if e.get("after_cold_start")]
-    later = cold[-1:] + [e for e in evals if e["step"] > 0]  # the GRPO curve starts where the cold start left it
+    # the GRPO curve starts from the model GRPO started with: the cold start's, or the initial one
+    later = (cold[-1:] or before) + [e for e in evals if e["step"] > 0]
     size = f"{evals[0]['size']} problems, greedy" if evals else ""
     if before:
         axes[0].plot([0], [before[0]["accuracy"]], "o", color="black", fillstyle="none", markersize=8,
