@@ -39,7 +39,8 @@ def test_multiply(tiny, tmp_path):
 
 def test_function_pick_synthetic(tiny, tmp_path):
     out = tmp_path / "run"
-    assert main(args(tiny, out, "--task", "function-pick", "--cold-start-steps", "2")) == 0
+    # --max-new-tokens: the tiny tokenizer spells the demonstrations in up to 124 tokens
+    assert main(args(tiny, out, "--task", "function-pick", "--cold-start-steps", "2", "--max-new-tokens", "132")) == 0
     metrics = records(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:  # the confusion cells are logged per step; they partition the completions
@@ -146,3 +147,9 @@ def test_readme_script_runs(tiny, tmp_path):
     assert "worker processes" in proc.stderr  # scored in the pool
     m = records(tmp_path / "run" / "metrics.jsonl")[-1]
     assert {"reward_number", "reward_shows_work"} <= m.keys() and m["reward_errors"] == 0
+
+
+def test_multiply_cold_start_refuses_completions_shorter_than_its_demonstrations(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="raise --max-new-tokens to at least"):
+        main(args(tiny, tmp_path / "run", "--task", "multiply", "--digits", "2", "2", "--cold-start-steps", "1"))
+    assert not (tmp_path / "run").exists()
