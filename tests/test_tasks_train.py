@@ -62,7 +62,7 @@ def test_function_pick_from_glaive_data(tiny, tmp_path):
     data = tmp_path / "glaive.json"
     data.write_text(json.dumps(GOOD + BAD))
     assert main(args(tiny, tmp_path / "run", "--task", "function-pick", "--data", str(data), "--eval-size", "1",
-                     "--cold-start-steps", "1")) == 0
+                     "--cold-start-steps", "1", "--max-new-tokens", "132")) == 0
     sample = records(tmp_path / "run" / "samples.jsonl")[0]
     assert sample["answer"] in ("get_current_weather", "none")
 
