@@ -632,11 +632,12 @@ class GRPOTrainer:
         if self.cold_start_done < cfg.cold_start_steps and self.step == 0:  # never between GRPO steps
             self.cold_start()
             cold = self.run_evals()
+        grpo_start = time.perf_counter()  # the ETA is that of the GRPO steps, the cold start excluded
         try:
             while self.step < cfg.steps:
                 m = self.train_step()
                 done = self.step - first_step
-                eta = (time.perf_counter() - start) / done * (cfg.steps - self.step)
+                eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
                 self.dist.print(progress_line(m, cfg.steps, eta))
                 if m.get("promoted") or m.get("demoted"):
                     a, b = self.task.current_digits
