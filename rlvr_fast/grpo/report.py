@@ -56,6 +56,7 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
     """The run on one page: training curves per step and held-out accuracy at each evaluation (step 0: before
     training, and a star for the model after the cold start)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 9), dpi=72, layout="constrained")
     axes = fig.subplots(len(PANELS), 1, sharex=True, height_ratios=[2.2, 1, 1, 1])
@@ -86,6 +87,7 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1].set_xlabel("GRPO step (optimizer updates)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
     tmp.replace(path)
