@@ -171,10 +171,13 @@ setup(
         "numpy",
         "jinja2>=3.1",
         "gguf>=0.10",
+        "matplotlib>=3.5",  # plot.png of every run
     ],
     extras_require={
         "dev": ["pytest", "transformers>=4.45", "peft>=0.10"],
         "flash": ["flash-attn>=2.6"],
+        "tensorboard": ["tensorboard"],  # --report-to tensorboard
+        "wandb": ["wandb"],  # --report-to wandb
         "bench": ["transformers>=4.45", "liger-kernel", "trl"],
     },
     ext_modules=ext_modules,

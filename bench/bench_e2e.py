@@ -107,7 +107,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(task="multiply", digits=(1, 1), curriculum=False, prompts_per_step=args.prompts,
                       group_size=args.group, max_new_tokens=args.new_tokens, temperature=TEMPERATURE, beta=BETA,
                       lr=LR, dtype=args.dtype, device="cpu", steps=1 + args.steps, seed=SEED, eval_every=0,
-                      save_every=0, sample_every=0, output=str(out_dir))
+                      save_every=0, sample_every=0, max_oversample=1, output=str(out_dir))  # one round, as TRL
     device = torch.device("cpu")
     model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=getattr(torch, args.dtype))
     trainer = trainer_mod.GRPOTrainer(cfg, model, tok, make_task(), out_dir, device)

@@ -39,10 +39,11 @@ class FailingRankTask(DigitsTask):
 
 class UnevenTask(DigitsTask):
     """digits-test, except that some groups score all alike (no signal, not trained), so that with 4 prompts on
-    2 ranks the ranks train unequal numbers of micro-batches: step 1 leaves rank 1 nothing to train, step 2
-    gives rank 0 one group and rank 1 two."""
+    2 ranks dynamic sampling (--max-oversample 3) draws several rounds and the ranks train unequal numbers of
+    micro-batches: step 1 keeps 1 + 1 + 1 groups of its three rounds (rank 0 trains two, rank 1 one), step 2
+    keeps 0 + 0 + 1 (rank 1 trains nothing), step 3 draws one round of 4."""
 
-    FLAT = {1: {2, 3}, 2: {0}}
+    FLAT = {1: {1, 2, 3}, 2: {0, 1, 2}, 3: {0, 1, 2}, 4: {0, 1, 2, 3}, 5: {0, 1, 2, 3}, 6: {1, 2, 3}}
 
     def __init__(self):
         super().__init__()

@@ -27,10 +27,10 @@ from tests.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # Batch-scaled advantages need the std of the whole batch, the reference and old log-probs are used,
-# 4 prompts put two groups on each rank, and digits-uneven leaves the ranks unequal work (none at all on
-# rank 1 in step 1).
+# 4 prompts put two groups on each rank, and digits-uneven makes dynamic sampling draw several rounds and
+# leaves the ranks unequal work (none at all on rank 1 in step 2).
 COMMON = ("--task", "digits-uneven", "--prompts-per-step", "4", "--scale-rewards", "batch", "--beta", "0.05",
-          "--num-iterations", "2")
+          "--num-iterations", "2", "--max-oversample", "3")
 DROP = ("time", "tokens_per_s", "peak_memory", "step_time")
 
 
@@ -92,7 +92,9 @@ def one_process(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("shard", ["none", "fsdp"])
 def test_two_ranks_equal_one_process_and_resume(tiny, one_process, tmp_path, shard):
-    assert [m["zero_std_groups"] for m in metrics(one_process)] == [2, 1, 0]  # the uneven steps happened
+    # the uneven steps happened
+    assert [(m["groups_drawn"], m["groups_kept"], m["zero_std_groups"]) for m in metrics(one_process)] == \
+        [(12, 3, 9), (12, 1, 11), (4, 4, 0)]
     out = tmp_path / "run"
     run_ok(args(tiny, out, *COMMON, "--steps", "2", "--shard", shard, "--dist-timeout", "60"))
     # Rank 0 alone wrote the outputs: one record per step, one evaluation per set and time.

@@ -1,10 +1,11 @@
 """The multiply reward on hand-written completions, the curriculum, and the held-out set."""
 
+import json
 import random
 
 import pytest
 
-from rlvr_fast.tasks.multiply import PROMPT, MultiplyTask, curriculum_levels, multiply_reward
+from rlvr_fast.tasks.multiply import PROMPT, MultiplyTask, curriculum_levels, multiply_reward, worked_product
 
 PRODUCT = 1497 * 63  # 94311
 
@@ -67,21 +68,102 @@ def test_training_never_draws_held_out_problems(digits, eval_size, expected):
         assert len(drawn) == 100 - expected  # every other 1x1 problem is still trained on
 
 
-def test_curriculum_levels_and_promotion():
+def groups(task, problems, solved):
+    """Each problem's group of 2 completions: one right if solved(problem) else none."""
+    return task.observe(problems, [[float(solved(p)), 0.0] for p in problems])
+
+
+def sizes(problems):
+    return [(len(str(p.meta["a"])), len(str(p.meta["b"]))) for p in problems]
+
+
+def test_curriculum_levels():
     assert curriculum_levels((4, 2)) == [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2)]
     assert curriculum_levels((1, 1)) == [(1, 1)]
-    task = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5)
+
+
+def test_curriculum_moves_up_only_when_probes_of_the_next_level_are_solved():
+    rng = random.Random(0)
+    task = MultiplyTask(digits=(2, 2), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
+    assert task.current_digits == (1, 1) and not task.probing
+    assert sizes(task.sample(rng, 4)) == [(1, 1)] * 4
+    assert groups(task, task.sample(rng, 1), lambda p: True) is None   # 2 of 4 completions: window not full
+    assert groups(task, task.sample(rng, 1), lambda p: True) is None   # full, 2/4 >= 0.5: probing starts
+    assert task.probing and task.current_digits == (1, 1)
+    problems = task.sample(rng, 8)
+    assert sizes(problems) == [(1, 1)] * 6 + [(2, 1)] * 2              # a quarter of the prompts probe
+    # Probes never solved: no promotion however accurate the current level is.
+    for _ in range(3):
+        assert groups(task, task.sample(rng, 8), lambda p: p.meta["a"] < 10) is None
     assert task.current_digits == (1, 1)
-    assert not task.observe([1.0, 0.0, 0.0])  # window not full yet
-    assert task.observe([1.0])                # 2/4 >= 0.5
-    assert task.current_digits == (2, 1)
-    assert not task.observe([1.0] * 8)        # already at the target
-    state = task.state_dict()
-    fresh = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5)
+    # One probe group in four solved: up.
+    problems = task.sample(rng, 4)
+    assert groups(task, problems, lambda p: True) == "up"
+    assert task.current_digits == (2, 1) and not task.probing
+    state = json.loads(json.dumps(task.state_dict()))  # JSON-serialisable, and it round-trips
+    fresh = MultiplyTask(digits=(2, 2), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
     fresh.load_state_dict(state)
-    assert fresh.current_digits == (2, 1)
+    assert fresh.current_digits == (2, 1) and fresh.state_dict() == task.state_dict()
+
+
+def test_curriculum_moves_down_after_steps_without_a_right_answer():
+    rng = random.Random(0)
+    task = MultiplyTask(digits=(2, 1), window=4, promote_at=0.5, probe_groups=4, demote_after=3)
+    task.load_state_dict({"level": 1, "recent": [], "probes": [], "dry_steps": 0})
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: True) is None   # a right answer resets the count
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) is None
+    assert groups(task, task.sample(rng, 4), lambda p: False) == "down"
+    assert task.current_digits == (1, 1)
+    for _ in range(5):  # the first level never moves down
+        assert groups(task, task.sample(rng, 4), lambda p: False) is None
 
 
 def test_bad_digits():
     with pytest.raises(ValueError, match="--digits"):
         MultiplyTask(digits=(0, 2))
+
+
+def check_worked_product(text: str, a: int, b: int) -> None:
+    """Every step of the worked product is true arithmetic, and its lines end at a * b."""
+    lines = text.split("\n")
+    assert len(lines) == 2 * len(str(b)) - 1  # a partial product per digit of b, a running sum after the first
+    for line in lines:
+        *steps, so, claim = line.split(" ")
+        assert so == "so"
+        for step in steps:
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs), step  # noqa: S307 (digits and + * only)
+        lhs, rhs = claim.split("=")
+        assert eval(lhs) == int(rhs), claim  # noqa: S307
+        # the value claimed is the last step's value followed by the earlier steps' last digits (then the zeros
+        # of the place of b's digit)
+        values = [step.split("=")[1] for step in steps]
+        digits = values[-1] + "".join(v[-1] for v in reversed(values[:-1]))
+        zeros = len(lhs.split("*")[1]) - 1 if "*" in lhs else 0
+        assert rhs == str(int(digits)) + "0" * zeros if int(digits) else rhs == "0", line
+    assert lines[-1].endswith(f"={a * b}")
+
+
+def test_worked_product_example():
+    assert worked_product(47, 38) == ("7*8=56 4*8+5=37 so 47*8=376\n7*3=21 4*3+2=14 so 47*30=1410\n"
+                                      "6+0=6 7+1=8 3+4=7 0+1=1 so 376+1410=1786")
+
+
+@pytest.mark.parametrize("digits", [(1, 1), (2, 1), (2, 2), (4, 2), (3, 3)])
+def test_demonstrations_are_right_worked_products_with_the_answer_line(digits):
+    task = MultiplyTask(digits=digits)
+    demos = task.demonstrations(random.Random(0), 40)
+    held_out = {(p.meta["a"], p.meta["b"]) for p in task.eval_problems()}
+    seen = set()
+    for problem, (text,) in demos:
+        a, b = problem.meta["a"], problem.meta["b"]
+        assert (a, b) not in held_out
+        seen.add((len(str(a)), len(str(b))))
+        work, answer = text.rsplit("\n", 1)
+        check_worked_product(work, a, b)
+        assert answer == f"Final Answer: the final answer is {a * b}. I hope it is correct."
+        assert task.score(problem, text) == {"correct": 1.0, "format": 1.0}
+    assert digits in seen and (digits == (1, 1) or len(seen) > 1)  # sizes are mixed

@@ -39,7 +39,8 @@ def test_multiply(tiny, tmp_path):
 
 def test_function_pick_synthetic(tiny, tmp_path):
     out = tmp_path / "run"
-    assert main(args(tiny, out, "--task", "function-pick", "--cold-start-steps", "2")) == 0
+    # --max-new-tokens: the tiny tokenizer spells the demonstrations in up to 124 tokens
+    assert main(args(tiny, out, "--task", "function-pick", "--cold-start-steps", "2", "--max-new-tokens", "132")) == 0
     metrics = records(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:  # the confusion cells are logged per step; they partition the completions
@@ -61,7 +62,7 @@ def test_function_pick_from_glaive_data(tiny, tmp_path):
     data = tmp_path / "glaive.json"
     data.write_text(json.dumps(GOOD + BAD))
     assert main(args(tiny, tmp_path / "run", "--task", "function-pick", "--data", str(data), "--eval-size", "1",
-                     "--cold-start-steps", "1")) == 0
+                     "--cold-start-steps", "1", "--max-new-tokens", "132")) == 0
     sample = records(tmp_path / "run" / "samples.jsonl")[0]
     assert sample["answer"] in ("get_current_weather", "none")
 
@@ -86,9 +87,9 @@ def test_a_hanging_user_reward_times_out_and_training_goes_on(tiny, tmp_path):
     out = tmp_path / "run"
     assert main(args(tiny, out, "--task", "jsonl", "--data", data, "--eval-size", "1", "--steps", "1",
                      "--reward", "tests.reward_fixtures:hang_on_request", "--reward-timeout", "0.5",
-                     "--reward-workers", "4")) == 0
+                     "--reward-workers", "4", "--max-oversample", "1")) == 0
     (m,) = records(out / "metrics.jsonl")
-    assert m["reward_timeouts"] == 8 and m["reward_mean"] == 0.0
+    assert m["reward_timeouts"] == 8 and m["reward_mean"] == 0.0 and m["groups_kept"] == 0
     assert [e["reward_timeouts"] for e in records(out / "eval.jsonl")] == [1, 1]
 
 
@@ -146,3 +147,9 @@ def test_readme_script_runs(tiny, tmp_path):
     assert "worker processes" in proc.stderr  # scored in the pool
     m = records(tmp_path / "run" / "metrics.jsonl")[-1]
     assert {"reward_number", "reward_shows_work"} <= m.keys() and m["reward_errors"] == 0
+
+
+def test_multiply_cold_start_refuses_completions_shorter_than_its_demonstrations(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="raise --max-new-tokens to at least"):
+        main(args(tiny, tmp_path / "run", "--task", "multiply", "--digits", "2", "2", "--cold-start-steps", "1"))
+    assert not (tmp_path / "run").exists()

@@ -252,3 +252,92 @@ def test_grad_checkpoint_flag_recomputes_layers(tiny, tmp_path, monkeypatch):
     assert not calls
     assert main(args(tiny, tmp_path / "ckpt", "--task", "digits-test", "--steps", "1", "--grad-checkpoint")) == 0
     assert calls  # one call per decoder layer and micro-batch, in the update only
+
+
+class ScheduledTask(DigitsTask):
+    """Groups whose completions all score alike on a schedule: "right" (all correct), "wrong" (all 0), "mixed"
+    (the text's hash, so they differ), one list of kinds per draw of P = 2 prompts."""
+
+    name = "scheduled"
+    SCHEDULE = [["right", "wrong"], ["mixed", "wrong"], ["mixed", "mixed"],  # step 1: 3 rounds, 2 kept of 3 with signal
+                ["wrong", "wrong"], ["right", "right"], ["wrong", "right"]]  # step 2: nothing to train
+
+    def __init__(self):
+        super().__init__()
+        self.draws = 0
+
+    def eval_problems(self) -> list[Problem]:
+        return [Problem([{"role": "user", "content": "mixed 1"}], "0", meta={"kind": "mixed"})]
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        kinds = self.SCHEDULE[self.draws % len(self.SCHEDULE)]
+        self.draws += 1
+        return [Problem([{"role": "user", "content": f"{k} {rng.randint(1, 99)}"}], "0", meta={"kind": k})
+                for k in kinds[:n]]
+
+    def score(self, problem: Problem, completion: str) -> dict[str, float]:
+        kind = problem.meta.get("kind", "mixed")
+        if kind == "mixed":
+            return super().score(problem, completion)
+        return {"hash": 0.0, "digits": 0.0, "correct": float(kind == "right")}
+
+
+register_task("scheduled-test", lambda cfg: ScheduledTask())
+
+
+def test_dynamic_sampling_draws_until_p_groups_have_signal(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "scheduled-test", "--steps", "2", "--max-oversample", "3")) == 0
+    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (first["groups_drawn"], first["groups_kept"], first["skipped_all_right"], first["skipped_all_wrong"]) == \
+        (6, 2, 1, 2)
+    assert first["signal_frac"] == pytest.approx(3 / 6) and first["kl"] is not None and first["entropy"] > 0
+    # Nothing with signal in 3 rounds: no update, and no update statistics.
+    assert (second["groups_drawn"], second["groups_kept"], second["skipped_all_right"], second["skipped_all_wrong"]) \
+        == (6, 0, 3, 3)
+    assert second["kl"] is None and second["entropy"] is None and second["grad_norm"] is None
+    assert "groups 2/6" in capsys.readouterr().out  # the progress line
+    # One round: plain GRPO, the step trains the one group with signal it drew.
+    assert main(args(tiny, tmp_path / "one", "--task", "scheduled-test", "--steps", "1", "--max-oversample", "1")) == 0
+    (plain,) = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert (plain["groups_drawn"], plain["groups_kept"]) == (2, 0)
+
+
+def test_entropy_is_that_of_the_loss_pass(tiny, tmp_path):
+    """The logged entropy (a no-grad pass with the fused kernel's entropy) equals the entropy the loss pass computes
+    for an entropy bonus, at the same weights on the same completions (step 1 of two runs with one seed)."""
+    for name, coef in (("plain", "0"), ("bonus", "1e-9")):
+        assert main(args(tiny, tmp_path / name, "--task", "digits-test", "--steps", "1", "--entropy-coef", coef)) == 0
+    plain, bonus = (json.loads((tmp_path / name / "metrics.jsonl").read_text()) for name in ("plain", "bonus"))
+    assert plain["entropy_train"] is None and plain["entropy"] > 0.5
+    assert plain["entropy"] == pytest.approx(bonus["entropy_train"], rel=1e-5) == bonus["entropy"]
+
+
+def test_report_to_tensorboard_and_a_readable_plot(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "digits-test", "--steps", "2", "--report-to", "tensorboard")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward_mean", "train/entropy", "train/kl", "train/signal_frac", "eval/target/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/reward_mean")] == [1, 2]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/reward_mean")] == pytest.approx([r["reward_mean"] for r in records])
+    from matplotlib.image import imread
+    image = imread(out / "plot.png")
+    assert image.shape[0] > 400 and image.shape[1] > 400 and image.std() > 0.05  # drawn, not blank
+
+
+def test_report_to_a_missing_package_fails_before_work(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--steps", "1", "--report-to", "wandb"))
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        main(args(tiny, tmp_path / "run", "--steps", "1", "--report-to", "mlflow"))
+    assert "--report-to takes tensorboard or wandb" in capsys.readouterr().err

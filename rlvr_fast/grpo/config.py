@@ -22,6 +22,7 @@ RATIO_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULES = ("constant", "cosine", "linear")
 SHARDS = ("none", "fsdp")
+REPORTERS = ("tensorboard", "wandb")
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -44,6 +45,8 @@ class TrainConfig:
                                       "[:WEIGHT]; repeat for several (default: exact:1 format:0.1)", repeat=True)
     reward_timeout: float = opt(10.0, "seconds a user reward may take per completion before it scores 0 (counted)")
     reward_workers: int = opt(2, "worker processes that run user rewards")
+    demote_after: int = opt(8, "multiply: steps in a row without one right completion at a level that move the "
+                               "curriculum back down (0 = never)")
     # rollout
     steps: int = opt(30, "optimizer steps")
     prompts_per_step: int = opt(4, "prompts sampled per step (P)")
@@ -51,6 +54,9 @@ class TrainConfig:
     max_new_tokens: int = opt(48, "completion length limit")
     temperature: float = opt(0.8, "sampling temperature for rollouts")
     top_p: float = opt(1.0, "nucleus sampling for rollouts")
+    max_oversample: int = opt(3, "dynamic sampling (DAPO): draw up to this many rounds of P prompts per step until P "
+                                 "groups have rewards that differ; groups with equal rewards are skipped and "
+                                 "counted (1 = plain GRPO, one round)")
     # cold start (trainer.py: cold_start)
     cold_start_steps: int = opt(0, "supervised steps on the task's demonstrations before GRPO (DeepSeek-R1's "
                                    "cold start); the KL reference is the model after them")
@@ -108,14 +114,17 @@ class TrainConfig:
     max_bad_steps: int = opt(3, "stop after this many consecutive steps with NaN/Inf loss or gradients")
     resume_fallback: bool = opt(True, "--resume RUN: when the newest checkpoint is damaged, resume from the newest "
                                       "one that verifies, saying what was skipped (--no-resume-fallback: stop instead)")
+    report_to: tuple[str, ...] = opt((), "also log metrics to tensorboard (OUTPUT/tensorboard) or wandb; repeat for "
+                                         "both (metrics.jsonl is always written)", repeat=True)
 
     def __post_init__(self) -> None:
         positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                    "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout", "reward_workers")
+                    "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout", "reward_workers",
+                    "max_oversample")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps"):
+        for name in ("eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps", "demote_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         checks = [
@@ -146,6 +155,12 @@ class TrainConfig:
         if isinstance(self.reward, str):  # a config file may give one reward as a plain string
             self.reward = (self.reward,)
         self.reward = tuple(self.reward or ())
+        self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to or ())
+        unknown = [r for r in self.report_to if r not in REPORTERS]
+        if unknown:
+            raise ValueError(f"--report-to takes {' or '.join(REPORTERS)}, got {', '.join(map(repr, unknown))}")
+        from rlvr_fast.grpo.report import check_reporters
+        check_reporters(self.report_to)
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:

@@ -1,15 +1,9 @@
-"""What the user sees: a progress line per step, metrics.jsonl, samples.jsonl, a PNG plot.
-
-The plot is drawn here with no plotting library (zlib + the PNG format), to keep dependencies
-at torch-and-friends: reward (blue) and accuracy (orange) against steps on a 0..1 grid, with the
-held-out evaluation accuracy as green points.
-"""
+"""What the user sees: a progress line per step, metrics.jsonl (the record), samples.jsonl, plot.png
+(matplotlib), and with --report-to the same metrics in TensorBoard or wandb."""
 
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -39,59 +33,102 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(m: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"  # None: every group had equal rewards, no update
+    # None: every group had equal rewards, no update
+    kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"
+    ent = "-" if m.get("entropy") is None else f"{m['entropy']:.2f}"
+    groups = f"groups {m['groups_kept']}/{m['groups_drawn']}" if "groups_kept" in m else ""
     return (f"step {m['step']:>4}/{total_steps} | reward {m['reward_mean']:.3f} | acc {m['accuracy']:.3f} | "
-            f"fmt {m['format_rate']:.2f} | len {m['completion_len_mean']:.0f} | kl {kl} | "
+            f"fmt {m['format_rate']:.2f} | len {m['completion_len_mean']:.0f} | {groups} | ent {ent} | kl {kl} | "
             f"{m['rollout_tokens_per_s']:.0f} tok/s | {m['step_time_s']:.1f}s/step | eta {format_duration(eta_s)}")
 
 
-def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, Any]],
-               width: int = 640, height: int = 360) -> None:
-    img = bytearray(b"\xff" * (width * height * 3))
-    left, right, top, bottom = 40, width - 20, 20, height - 30
-
-    def put(x: int, y: int, color: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            img[i:i + 3] = bytes(color)
-
-    def line(x0: float, y0: float, x1: float, y1: float, color: tuple[int, int, int]) -> None:
-        n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        for k in range(n + 1):
-            t = k / n
-            put(round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t), color)
-
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # grid at reward/accuracy 0 .. 1
-        y = bottom - frac * (bottom - top)
-        line(left, y, right, y, (200, 200, 200) if frac else (0, 0, 0))
-    line(left, top, left, bottom, (0, 0, 0))
-    steps = [m["step"] for m in metrics] + [e["step"] for e in evals]
-    if not steps:
-        _save_png(path, img, width, height)
-        return
-    s_min, s_max = min(steps), max(max(steps), min(steps) + 1)
-    sx = lambda s: left + (s - s_min) / (s_max - s_min) * (right - left)
-    sy = lambda v: bottom - max(0.0, min(1.0, v)) * (bottom - top)
-    for key, color in (("reward_mean", (31, 119, 180)), ("accuracy", (255, 127, 14))):
-        pts = [(sx(m["step"]), sy(m[key])) for m in metrics if key in m]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            line(x0, y0, x1, y1, color)
-    for e in evals:
-        x, y = sx(e["step"]), sy(e["accuracy"])
-        for dx in range(-3, 4):
-            for dy in range(-3, 4):
-                put(round(x) + dx, round(y) + dy, (44, 160, 44))
-    _save_png(path, img, width, height)
+PANELS = (
+    # (y label, [(metric key, legend label)], y limits or None)
+    ("fraction (0-1)", [("reward_mean", "reward (train, mean)"), ("accuracy", "accuracy (train samples)"),
+                        ("format_rate", "format (train samples)"), ("signal_frac", "groups with signal")], (-0.03, 1.05)),
+    ("entropy (nats/token)", [("entropy", "policy entropy\n(trained tokens)")], None),
+    ("KL (nats/token)", [("kl", "KL to reference")], None),
+    ("tokens", [("completion_len_mean", "completion length\n(mean)")], None),
+)
 
 
-def _save_png(path: Path, rgb: bytearray, width: int, height: int) -> None:
-    raw = b"".join(b"\x00" + bytes(rgb[y * width * 3:(y + 1) * width * 3]) for y in range(height))
+def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, Any]], title: str = "GRPO run") -> None:
+    """The run on one page: training curves per step and held-out accuracy at each evaluation (step 0: before
+    training, and a star for the model after the cold start)."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(png)
+    fig = Figure(figsize=(10, 9), dpi=72, layout="constrained")
+    axes = fig.subplots(len(PANELS), 1, sharex=True, height_ratios=[2.2, 1, 1, 1])
+    fig.suptitle(title)
+    for ax, (ylabel, series, ylim) in zip(axes, PANELS):
+        for key, label in series:
+            pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=label, linewidth=1.2)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ylim:
+            ax.set_ylim(*ylim)
+    before = [e for e in evals if e["step"] == 0 and not e.get("after_cold_start")][:1]
+    cold = [e for e in evals if e.get("after_cold_start")]
+    # the GRPO curve starts from the model GRPO started with: the cold start's, or the initial one
+    later = (cold[-1:] or before) + [e for e in evals if e["step"] > 0]
+    size = f"{evals[0]['size']} problems, greedy" if evals else ""
+    if before:
+        axes[0].plot([0], [before[0]["accuracy"]], "o", color="black", fillstyle="none", markersize=8,
+                     label=f"held-out accuracy before\n({size})")
+    if cold:
+        axes[0].plot([0], [cold[-1]["accuracy"]], "*", color="red", markersize=13, label="held-out accuracy after\nthe cold start")
+    if later:
+        axes[0].plot([e["step"] for e in later], [e["accuracy"] for e in later], "o-", color="black",
+                     label="held-out accuracy\nduring GRPO")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1].set_xlabel("GRPO step (optimizer updates)")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
     tmp.replace(path)
+
+
+class Reporters:
+    """--report-to: the step metrics and evaluations also go to TensorBoard (OUTPUT/tensorboard) and/or wandb.
+    metrics.jsonl stays the record; these are views of it."""
+
+    def __init__(self, names: tuple[str, ...], output: Path, config: dict[str, Any]):
+        check_reporters(names)
+        self.tb = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(output / "tensorboard"))
+        if "wandb" in names:
+            import wandb
+            self.wandb = wandb.init(project="rlvr_fast", dir=str(output), config=config)
+
+    def log(self, values: dict[str, Any], step: int, prefix: str = "") -> None:
+        scalars = {prefix + k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_reporters(names: tuple[str, ...]) -> None:
+    """A clear error before any work when a --report-to package is missing."""
+    import importlib.util
+    need = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in names:
+        if importlib.util.find_spec(need[name]) is None:
+            raise ValueError(f"--report-to {name} needs the {need[name]} package, which is not installed: "
+                             f"pip install {need[name]} (or drop --report-to {name}; metrics.jsonl has every metric)")

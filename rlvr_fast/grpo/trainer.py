@@ -43,7 +43,7 @@ from rlvr_fast.grpo.config import TrainConfig
 from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
-from rlvr_fast.grpo.report import format_duration, progress_line, write_plot
+from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
@@ -74,6 +74,14 @@ class Rollout:
     seconds: float
 
 
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Several rollouts as one, groups in order (the rounds of a dynamically sampled step)."""
+    return Rollout([p for r in parts for p in r.problems], [p for r in parts for p in r.prompt_ids],
+                   [g for r in parts for g in r.completions], [c for r in parts for c in r.components],
+                   torch.cat([r.rewards for r in parts]), sum(r.reward_errors for r in parts),
+                   sum(r.reward_timeouts for r in parts), sum(r.seconds for r in parts))
+
+
 def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     if not cfg.cold_start_steps:
         return
@@ -83,6 +91,12 @@ def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with; "
                          "give the model's tokenizer_config.json an eos_token, or drop --cold-start-steps")
+    # A model taught completions longer than --max-new-tokens would be cut off before its answer in every rollout.
+    longest = max(len(tokenizer.encode(text, add_special_tokens=False)) + 1
+                  for _, texts in task.demonstrations(random.Random(0), 16) for text in texts)
+    if longest > cfg.max_new_tokens:
+        raise ValueError(f"--cold-start-steps: the task's demonstrations take up to {longest} tokens, more than "
+                         f"--max-new-tokens {cfg.max_new_tokens}: raise --max-new-tokens to at least {longest + 8}")
 
 
 class GRPOTrainer:
@@ -127,6 +141,7 @@ class GRPOTrainer:
         self.samples = self.dist.writer(output / "samples.jsonl")
         self.evals = self.dist.writer(output / "eval.jsonl")
         self.cold_start_log = self.dist.writer(output / "cold_start.jsonl")
+        self.reporters = Reporters(cfg.report_to, output, cfg.to_dict()) if cfg.report_to and self.dist.is_main else None
 
     def _adamw(self, lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(self.master.master_params, lr=lr, weight_decay=self.cfg.weight_decay,
@@ -218,17 +233,31 @@ class GRPOTrainer:
     @torch.no_grad()
     def token_logprobs(self, model, micro_batches: list[MicroBatch], total: int) -> torch.Tensor:
         """Per-token log-probs [num_samples, T_max] of the step's completions under `model`."""
+        return self._logprobs_pass(model, micro_batches, total, entropy=False)[0]
+
+    @torch.no_grad()
+    def _logprobs_pass(self, model, micro_batches: list[MicroBatch], total: int,
+                       entropy: bool) -> tuple[torch.Tensor, float | None]:
+        """token_logprobs, and with entropy the mean entropy of softmax(logits / T) over the completion
+        tokens of all ranks (the fused kernel computes it in the same pass)."""
         t_max = max((mb.targets.shape[1] for mb in micro_batches), default=1)  # a rank may have no samples
         out = torch.zeros(total, t_max, device=self.device)
+        ent_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
             hidden = self._hidden(model, mb)
             b, t, h = hidden.shape
-            lp = linear_token_logprobs(hidden.reshape(b * t, h), model.lm_head.weight, mb.targets.reshape(-1),
-                                       temperature=self.cfg.temperature).view(b, t)
+            res = linear_token_logprobs(hidden.reshape(b * t, h), model.lm_head.weight, mb.targets.reshape(-1),
+                                        temperature=self.cfg.temperature, return_entropy=entropy)
+            lp = (res[0] if entropy else res).view(b, t)
+            if entropy:
+                ent_sum += (res[1].view(b, t) * mb.mask).sum()
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             out[rows, :t] = lp * mb.mask
         self.dist.even_passes(model, len(micro_batches), train=False)
-        return out
+        if not entropy:
+            return out, None
+        ent, tokens = self.dist.all_reduce_sum([float(ent_sum), float(sum(mb.num_tokens for mb in micro_batches))])
+        return out, ent / max(tokens, 1.0)
 
     def rollout_logprobs(self, samples: list[Sample], micro_batches: list[MicroBatch]) -> torch.Tensor:
         """The sampler's log-probs of the completion tokens, laid out like token_logprobs' [num_samples, T_max]."""
@@ -325,49 +354,78 @@ class GRPOTrainer:
         self.master.zero_grad()  # gradients are not needed past the step: free them before the next rollout
         return {**sums, "grad_norm": float(grad_norm), "skipped_update": not finite}
 
+    def draw_groups(self) -> tuple[Rollout, list[int]]:
+        """Dynamic sampling (DAPO): rounds of P prompts with G completions each until P groups hold rewards that
+        are not all equal, or --max-oversample rounds are drawn. Returns every group drawn (metrics and the
+        curriculum see them all) and the indices of the groups to train on: the first P with signal. A group
+        whose completions all score the same has advantage 0 everywhere; training on it would cost a full
+        forward and backward for no gradient, while its rollout is already paid for."""
+        cfg = self.cfg
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed * 1_000_003 + self.step)
+        rounds, signal = [], 0
+        for r in range(cfg.max_oversample):
+            problems = self.task.sample(self.rng, cfg.prompts_per_step)  # the same P problems on every rank
+            mine = self.dist.local_slice(len(problems))  # this rank's groups
+            # Each round's prompts get their own sampling streams; round 0's are those of plain GRPO.
+            ro = self.rollout(problems[mine], params, cfg.group_size, first_prompt_index=r * len(problems) + mine.start)
+            rounds.append(gather_rollout(self.dist, ro))  # all groups: every rank takes the same decisions
+            signal += int((~group_advantages(rounds[-1].rewards, cfg.scale_rewards)[1]).sum())
+            if signal >= cfg.prompts_per_step:
+                break
+        ro = concat_rollouts(rounds)
+        zero_std = group_advantages(ro.rewards, cfg.scale_rewards)[1]
+        keep = [i for i in range(len(zero_std)) if not zero_std[i]][:cfg.prompts_per_step]
+        return ro, keep
+
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
         self.dist.step = self.step
         level = getattr(self.task, "current_digits", None)
-        problems = self.task.sample(self.rng, cfg.prompts_per_step)  # the same P problems on every rank
-        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed * 1_000_003 + self.step)
-        mine = self.dist.local_slice(len(problems))  # this rank's groups
-        ro = self.rollout(problems[mine], params, cfg.group_size, first_prompt_index=mine.start)
-        ro = gather_rollout(self.dist, ro)  # all groups: advantages and metrics are those of the global batch
+        ro, keep = self.draw_groups()
+        # Advantages over every group drawn (so one round is exactly plain GRPO), trained on the kept ones.
         adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
-
+        mine = self.dist.local_slice(len(keep), exact=False)  # this rank's share of the kept groups
         samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i, rollout_logprobs=c.logprobs)
-                   for i in range(mine.start, mine.stop) if not zero_std[i] for j, c in enumerate(ro.completions[i])]
+                   for i in keep[mine] for j, c in enumerate(ro.completions[i])]
         for k, s in enumerate(samples):
             s.index = k
         micro_batches, num_samples, num_tokens = self.pack(samples)
-        t_ref = t_update = 0.0
+        t_ref = t_policy = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
-        rollout_gap = None
+        rollout_gap = entropy = None
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
-            old_lp = None
-            if cfg.num_iterations > 1:
-                self.model.eval()
-                old_lp = self.token_logprobs(self.model, micro_batches, len(samples))
             t_ref = time.perf_counter() - t1
+            # Old log-probs, and the policy's exact entropy over the trained completions in the same no-grad pass
+            # (with an entropy bonus the loss pass has it instead).
+            old_lp = None
+            if cfg.num_iterations > 1 or cfg.entropy_coef == 0:
+                self.model.eval()
+                lp, entropy = self._logprobs_pass(self.model, micro_batches, len(samples), entropy=cfg.entropy_coef == 0)
+                old_lp = lp if cfg.num_iterations > 1 else None
+            t_policy = time.perf_counter() - t1 - t_ref
+            t1 = time.perf_counter()
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
             for i in range(cfg.num_iterations):
                 # The gap is that of the policy the rollout sampled from: measured in the first pass only.
                 upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
                 if i == 0:
                     rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
-            t_update = time.perf_counter() - t1 - t_ref
+                    entropy = entropy if cfg.entropy_coef == 0 else upd["entropy_train"]
+            t_update = time.perf_counter() - t1
         self.step += 1
 
-        correct = [c.get("correct", 0.0) for row in ro.components for c in row]
-        promoted = self.task.observe(correct) if hasattr(self.task, "observe") else False
+        correct_groups = [[c.get("correct", 0.0) for c in row] for row in ro.components]
+        correct = [x for row in correct_groups for x in row]
+        moved = self.task.observe(ro.problems, correct_groups) if hasattr(self.task, "observe") else None
+        skipped = [i for i in range(len(zero_std)) if zero_std[i]]
+        all_right = sum(all(correct_groups[i]) for i in skipped)
         lengths = [len(c.token_ids) for group in ro.completions for c in group]
         gen_tokens = sum(lengths)
         sampled_lp = [lp for group in ro.completions for c in group for lp in c.logprobs]
@@ -383,12 +441,18 @@ class GRPOTrainer:
             "reward_errors": ro.reward_errors,
             "reward_timeouts": ro.reward_timeouts,
             "zero_std_groups": int(zero_std.sum()),
+            # dynamic sampling: groups drawn, trained, and skipped because every completion scored the same
+            "groups_drawn": len(zero_std), "groups_kept": len(keep),
+            "skipped_all_right": all_right, "skipped_all_wrong": len(skipped) - all_right,
+            "signal_frac": 1 - len(skipped) / len(zero_std),
             "completion_len_mean": gen_tokens / len(lengths),
             "completion_len_max": max(lengths),
             "truncated_frac": sum(c.finish_reason == "length" for g in ro.completions for c in g) / len(lengths),
             "kl": upd["kl"], "loss": upd["loss"], "ratio_mean": upd["ratio"],
             "clip_low_frac": upd["clip_low"], "clip_high_frac": upd["clip_high"],
-            "entropy": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate: mean -log p of sampled tokens
+            # exact mean token entropy of the trained completions under the rollout policy (None: no update)
+            "entropy": entropy,
+            "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
             "entropy_train": upd["entropy_train"],  # exact, from the loss pass (only with --entropy-coef)
             "rollout_logprob_gap": rollout_gap, "tis_weight_mean": upd["tis_weight"], "tis_capped_frac": upd["tis_capped"],
             "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
@@ -396,14 +460,17 @@ class GRPOTrainer:
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
+            "time_old_logprobs_entropy_s": t_policy,
             "step_time_s": time.perf_counter() - t0,
             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
             "peak_memory_scope": peak_memory_scope(self.device),
         }
         if level is not None:
             m["level"] = list(level)
-            m["promoted"] = promoted
+            m["promoted"], m["demoted"] = moved == "up", moved == "down"
         self.metrics.write(m)
+        if self.reporters is not None:
+            self.reporters.log(m, self.step, "train/")
         if self.bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
                                 "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
@@ -478,6 +545,9 @@ class GRPOTrainer:
         if self.step == 0 and self.cold_start_done:
             result["after_cold_start"] = True
         self.evals.write(result)
+        if self.reporters is not None:
+            stage = "after_cold_start/" if result.get("after_cold_start") else ""
+            self.reporters.log({**result, **result["components"]}, self.step, f"eval/{label}/{stage}")
         return result
 
     def eval_sets(self) -> list[tuple[str, list[Problem]]]:
@@ -500,8 +570,17 @@ class GRPOTrainer:
                 self.dist.print("  accuracy by kind: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['size']})"
                                                                    for k, v in r["by_kind"].items()))
         if self.dist.is_main:
-            write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"])
+            write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"],
+                       title=self.plot_title())
         return results
+
+    def plot_title(self) -> str:
+        cfg = self.cfg
+        size = f" {cfg.digits[0]} x {cfg.digits[1]} digits" if cfg.task == "multiply" else ""
+        model = Path(cfg.model).name if cfg.model else "SmolLM2-135M-Instruct"
+        cold = f", {cfg.cold_start_steps} cold-start steps" if cfg.cold_start_steps else ""
+        return (f"GRPO: {cfg.task}{size}, {model}{cold}\n{cfg.prompts_per_step} prompts x {cfg.group_size} completions "
+                f"per step, lr {cfg.lr:g}, temperature {cfg.temperature:g}")
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -553,15 +632,19 @@ class GRPOTrainer:
         if self.cold_start_done < cfg.cold_start_steps and self.step == 0:  # never between GRPO steps
             self.cold_start()
             cold = self.run_evals()
+        grpo_start = time.perf_counter()  # the ETA is that of the GRPO steps, the cold start excluded
         try:
             while self.step < cfg.steps:
                 m = self.train_step()
                 done = self.step - first_step
-                eta = (time.perf_counter() - start) / done * (cfg.steps - self.step)
+                eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
                 self.dist.print(progress_line(m, cfg.steps, eta))
-                if m.get("promoted"):
+                if m.get("promoted") or m.get("demoted"):
                     a, b = self.task.current_digits
-                    self.dist.print(f"curriculum: moving up to {a} x {b} digits")
+                    why = ("probes of it held right answers" if m["promoted"] else
+                           f"no right answer in {cfg.demote_after} steps")
+                    self.dist.print(f"curriculum: moving {'up' if m['promoted'] else 'back down'} to {a} x {b} digits "
+                                    f"({why})")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -573,6 +656,8 @@ class GRPOTrainer:
         after = self.run_evals()
         if self.reward_pool is not None:
             self.reward_pool.close()
+        if self.reporters is not None:
+            self.reporters.close()
         self.save()
         if cfg.merge and self.dist.is_main:
             merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")

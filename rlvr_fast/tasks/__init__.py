@@ -50,7 +50,7 @@ def _refuse(cfg, *options: str) -> None:
 def _multiply_task(cfg) -> MultiplyTask:
     _refuse(cfg, "data", "reward")
     return MultiplyTask(digits=cfg.digits, curriculum=cfg.curriculum, promote_at=cfg.promote_at,
-                        format_weight=cfg.format_weight, eval_size=cfg.eval_size)
+                        demote_after=cfg.demote_after, format_weight=cfg.format_weight, eval_size=cfg.eval_size)
 
 
 def _function_pick_task(cfg) -> FunctionPickTask:

@@ -43,7 +43,8 @@ class Task(Protocol):
 
     # Optional: `scorer`, a picklable callable (problem, completion) -> components. A task that has one
     # (a RewardTask with user rewards) is scored by it in worker processes with --reward-timeout per call;
-    # other tasks are scored in-process by `score`. `observe(correct)`, `state_dict()`/`load_state_dict()`:
+    # other tasks are scored in-process by `score`. `observe(problems, correct)` (every group a step drew, with
+    # each completion's correctness), `state_dict()`/`load_state_dict()` (JSON-serialisable):
     # see MultiplyTask (curriculum). `demonstrations(rng, n) -> [(problem, [completion, ...])]`: n training
     # problems with completions in the expected form, for --cold-start-steps (see FunctionPickTask).
 

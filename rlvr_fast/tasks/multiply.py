@@ -3,8 +3,12 @@
 The first experiment of the reference blog: an A-digit by B-digit product (4 x 2 there), asked
 with a fixed prompt; a completion is correct when the exact answer line below holds the product.
 A small model gets no learning signal from problems it never solves, so the task can run a
-curriculum: it starts at smaller operands and moves up one level once the rolling training
-accuracy passes a threshold. Evaluation always includes the target size.
+curriculum: it starts at smaller operands and grows towards the target. Rolling accuracy alone is
+not enough to move up (a level the model never solves gives GRPO nothing to learn from), so once
+the rolling training accuracy passes `promote_at` a quarter of each step's prompts probe the next
+level, and the curriculum moves up only when some probe groups hold a right completion; a level
+that yields no right completion for `demote_after` steps in a row moves it back down. Evaluation
+always includes the target size.
 """
 
 from __future__ import annotations
@@ -48,6 +52,44 @@ def multiply_reward(completion: str, product: int) -> dict[str, float]:
     return {"correct": float(answer == product), "format": format_score(completion)}
 
 
+def worked_product(a: int, b: int) -> str:
+    """A worked multiplication, short and checkable line by line (the cold-start demonstrations): one line per
+    digit of b, a's digits times it from the right with the carry added ("4*8+5=37"), then the running sum
+    column by column from the right with its carry ("3+4+1=8", 0 for a missing digit). Each line ends with
+    what it proved ("so 47*8=376"): the last step's value followed by the earlier steps' last digits.
+
+        7*8=56 4*8+5=37 so 47*8=376
+        7*3=21 4*3+2=14 so 47*30=1410
+        6+0=6 7+1=8 3+4=7 0+1=1 so 376+1410=1786
+    """
+    lines, total = [], None
+    for place, digit in enumerate(reversed(str(b))):
+        d, carry, steps = int(digit), 0, []
+        for x in reversed(str(a)):
+            value = int(x) * d + carry
+            steps.append(f"{x}*{d}{f'+{carry}' if carry else ''}={value}")
+            carry = value // 10
+        partial = a * d * 10**place
+        lines.append(" ".join(steps) + f" so {a}*{d}{'0' * place}={partial}")
+        if total is None:
+            total = partial
+            continue
+        xs, ys, carry, steps = str(total)[::-1], str(partial)[::-1], 0, []
+        for i in range(max(len(xs), len(ys))):
+            x, y = (int(s[i]) if i < len(s) else 0 for s in (xs, ys))
+            value = x + y + carry
+            steps.append(f"{x}+{y}{f'+{carry}' if carry else ''}={value}")
+            carry = value // 10
+        lines.append(" ".join(steps) + f" so {total}+{partial}={total + partial}")
+        total += partial
+    return "\n".join(lines)
+
+
+def answer_line(product: int) -> str:
+    """The blog's answer line, which ANSWER_RE reads."""
+    return f"Final Answer: the final answer is {product}. I hope it is correct."
+
+
 def curriculum_levels(target: tuple[int, int]) -> list[tuple[int, int]]:
     """Digit sizes from 1 x 1 up to the target, growing the larger operand first: (1,1), (2,1), ..."""
     a_max, b_max = target
@@ -66,10 +108,17 @@ def _operand(rng: random.Random, digits: int) -> int:
 class MultiplyTask:
     digits: tuple[int, int] = (4, 2)
     curriculum: bool = True
-    """Start at 1 x 1 digits and step towards `digits` as the rolling accuracy passes `promote_at`."""
+    """Start at 1 x 1 digits and step towards `digits` (see the module docstring)."""
     promote_at: float = 0.6
+    """Rolling training accuracy at the current level that starts probing the next one."""
     window: int = 64
     """Completions in the rolling accuracy window."""
+    probe_groups: int = 8
+    """Probe groups (prompts of the next level) judged together; the curriculum moves up once a quarter of
+    them hold at least one right completion, otherwise the oldest probe makes room for the next."""
+    demote_after: int = 8
+    """Steps in a row without one right completion at the current level that move the curriculum back down
+    (0 = never)."""
     format_weight: float = 0.1
     eval_size: int = 64
     """Held-out problems per size (at most half of all problems of that size); training never draws them."""
@@ -83,6 +132,8 @@ class MultiplyTask:
         self.levels = curriculum_levels(self.digits) if self.curriculum else [self.digits]
         self.level = 0
         self._recent: deque[float] = deque(maxlen=self.window)
+        self._probes: deque[bool] = deque(maxlen=self.probe_groups)  # per probe group: held a right completion
+        self._dry_steps = 0  # steps in a row without a right completion at the current level
         self._held_out_cache: dict[tuple[int, int], set[tuple[int, int]]] = {}
         self.reward_weights = {"correct": 1.0, "format": self.format_weight}
 
@@ -90,13 +141,24 @@ class MultiplyTask:
     def current_digits(self) -> tuple[int, int]:
         return self.levels[self.level]
 
+    @property
+    def probing(self) -> bool:
+        """The current level is learnt well enough (rolling accuracy) to try the next one."""
+        return (self.level + 1 < len(self.levels) and len(self._recent) == self._recent.maxlen
+                and sum(self._recent) / len(self._recent) >= self.promote_at)
+
     def make_problem(self, a: int, b: int) -> Problem:
         return Problem(messages=[{"role": "user", "content": PROMPT.format(a=a, b=b)}], answer=str(a * b),
                        meta={"a": a, "b": b})
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
-        """Training problems at the current level, never one of the held-out evaluation problems."""
-        digits = self.current_digits
+        """Training problems at the current level (while probing, the last quarter of them at the next level),
+        never one of the held-out evaluation problems."""
+        probes = -(-n // 4) if self.probing else 0
+        return (self.sample_at(self.current_digits, rng, n - probes)
+                + self.sample_at(self.levels[min(self.level + 1, len(self.levels) - 1)], rng, probes))
+
+    def sample_at(self, digits: tuple[int, int], rng: random.Random, n: int) -> list[Problem]:
         held_out = self._held_out(digits)
         problems = []
         while len(problems) < n:
@@ -124,22 +186,56 @@ class MultiplyTask:
             self._held_out_cache[digits] = set(self._eval_pairs(digits))
         return self._held_out_cache[digits]
 
+    def demonstrations(self, rng: random.Random, n: int) -> list[tuple[Problem, list[str]]]:
+        """Cold-start demonstrations (--cold-start-steps): n training problems, each with its worked product
+        (`worked_product`) and the answer line. Sizes are mixed: the target half of the time, otherwise any
+        smaller curriculum level (a model shown only 2 x 2 reads the single digit of 2 x 1 as a tens digit)."""
+        levels = curriculum_levels(self.digits)
+        out = []
+        for _ in range(n):
+            digits = self.digits if len(levels) == 1 or rng.random() < 0.5 else rng.choice(levels[:-1])
+            (problem,) = self.sample_at(digits, rng, 1)
+            a, b = problem.meta["a"], problem.meta["b"]
+            out.append((problem, [worked_product(a, b) + "\n" + answer_line(a * b)]))
+        return out
+
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return multiply_reward(completion, int(problem.answer))
 
-    def observe(self, correct: list[float]) -> bool:
-        """Feed training correctness; move up a level when the window is full and accurate. True if promoted."""
-        self._recent.extend(correct)
-        full = len(self._recent) == self._recent.maxlen
-        if full and self.level + 1 < len(self.levels) and sum(self._recent) / len(self._recent) >= self.promote_at:
-            self.level += 1
-            self._recent.clear()
-            return True
-        return False
+    def observe(self, problems: list[Problem], correct: list[list[float]]) -> str | None:
+        """Feed one step's training groups (every group drawn, with each completion's correctness); returns
+        "up" or "down" when the curriculum moved, else None."""
+        level, probe_level = self.current_digits, self.levels[min(self.level + 1, len(self.levels) - 1)]
+        solved_here = False
+        for problem, row in zip(problems, correct):
+            digits = (len(str(problem.meta["a"])), len(str(problem.meta["b"])))
+            if digits == level:
+                self._recent.extend(row)
+                solved_here |= any(row)
+            elif digits == probe_level:
+                self._probes.append(any(row))
+        self._dry_steps = 0 if solved_here else self._dry_steps + 1
+        if self.level > 0 and self.demote_after and self._dry_steps >= self.demote_after:
+            self._move(-1)
+            return "down"
+        if len(self._probes) == self._probes.maxlen and sum(self._probes) >= self.probe_groups / 4:
+            self._move(+1)
+            return "up"
+        return None
+
+    def _move(self, by: int) -> None:
+        self.level += by
+        self._recent.clear()
+        self._probes.clear()
+        self._dry_steps = 0
 
     def state_dict(self) -> dict:
-        return {"level": self.level, "recent": list(self._recent)}
+        """JSON-serialisable: ints and lists."""
+        return {"level": self.level, "recent": list(self._recent), "probes": list(self._probes),
+                "dry_steps": self._dry_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.level = state["level"]
         self._recent = deque(state["recent"], maxlen=self.window)
+        self._probes = deque(state.get("probes", []), maxlen=self.probe_groups)
+        self._dry_steps = state.get("dry_steps", 0)
