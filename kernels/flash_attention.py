@@ -370,7 +370,7 @@ def launch_config(head_dim: int, dtype: torch.dtype, interpreter: bool | None = 
     if dtype == torch.float32:  # head_dim <= 64 (larger ones spill at any tile size tried, down to 16 x 16)
         return LaunchConfig(TileConfig(32, 32, 4, 1), TileConfig(32, 32, 8, 1), TileConfig(16, 16, 4, 1))
     if d <= 64:
-        return LaunchConfig(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 1))
+        return LaunchConfig(TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3), TileConfig(16, 64, 4, 1))
     return LaunchConfig(TileConfig(128, 32, 8, 3), TileConfig(64, 64, 8, 2), TileConfig(32, 32, 8, 2))
 
 

@@ -72,11 +72,12 @@ class UnevenTask(DigitsTask):
 
 class KilledRankTask(UnevenTask):
     """digits-uneven, except that with RLVR_TEST_KILL_RANK=R in the environment, rank R kills itself (SIGKILL: no
-    exception, no message, no cleanup) while scoring its first completion of step 2, in the middle of the step."""
+    exception, no message, no cleanup) while scoring its first completion of step 2, in the middle of the step
+    (its first round is draw 4: step 1 draws three rounds)."""
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         victim = os.environ.get("RLVR_TEST_KILL_RANK")
-        if self.draws == 2 and victim is not None and os.environ.get("RANK") == victim:
+        if self.draws == 4 and victim is not None and os.environ.get("RANK") == victim:
             with open(os.environ["RLVR_TEST_KILL_FILE"], "w") as f:
                 f.write(str(time.time()))  # when it died, for the test to time the survivors
             os.kill(os.getpid(), signal.SIGKILL)
