@@ -218,10 +218,11 @@ class Tokens:
     mask: torch.Tensor                 # [B, T] float32
     T: int
     ent_coef: float
+    entropy: bool                      # compute each token's entropy (the bonus, or return_entropy)
     logp_out: torch.Tensor | None = None  # [N] fp32: filled with each token's logp (return_logprobs)
 
     def stat_width(self) -> int:
-        return 5 + (2 if self.roll is not None else 0) + (1 if self.ent_coef != 0.0 else 0)
+        return 5 + (2 if self.roll is not None else 0) + (1 if self.entropy else 0)
 
 
 # ----------------------------------------------------------------------------- chunk helpers, both backends
@@ -231,7 +232,7 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     """Token-level path: logits [C, V] (fresh, overwritten by dL/dlogits when write_grad) -> stats [C, NS]."""
     c, v = logits.shape
     assert logits.stride(1) == 1
-    ns, entropy = tk.stat_width(), tk.ent_coef != 0.0
+    ns, entropy = tk.stat_width(), tk.entropy
     stats = torch.empty(c, ns, device=logits.device, dtype=torch.float32)
     block, warps = row_config(v)
     dummy = tk.tok_w
@@ -268,9 +269,9 @@ def _grad_torch(logp_all, targets, g, h, ent, inv_t: float, dtype) -> torch.Tens
     return dz.to(dtype)
 
 
-def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, write_grad):
+def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, entropy: bool,
+                 write_grad):
     """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits, logp)."""
-    entropy = ent_coef != 0.0
     logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
     old = logp if old is None else old
     tis_w, capped = tis_weight_torch(old, roll, o.tis_cap) if roll is not None else (None, None)
@@ -339,7 +340,8 @@ def _token_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk, ba
         h = hidden.index_select(0, idx)
         pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
         st, dlogits, logp = _chunk_torch(h @ weight.T, inv_t, pick(tk.targets), pick(tk.old), pick(tk.ref),
-                                         pick(tk.roll), pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, write_grad)
+                                         pick(tk.roll), pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, tk.entropy,
+                                         write_grad)
         stats[s:s + idx.numel()] = st
         if tk.logp_out is not None:
             tk.logp_out.index_copy_(0, idx, logp)
@@ -367,7 +369,7 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
     """The GSPO loop (see the module docstring): whole completions per chunk -> summed stats [NS]."""
     b, t = tk.mask.shape
     write_grad = grad_h is not None or grad_w is not None
-    entropy = tk.ent_coef != 0.0
+    entropy = tk.entropy
     if backend == "triton":  # all T positions of a row (no host sync)
         counts, tokens = [t] * b, None
     else:  # real tokens only (the torch path syncs anyway)
@@ -473,7 +475,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            ratio_level: str = "token", delta: float | None = None,
                            rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
                            entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
-                           return_logprobs: bool = False, backend: str = "auto"):
+                           return_logprobs: bool = False, return_entropy: bool = False, backend: str = "auto"):
     """grpo_loss(linear_token_logprobs(hidden, weight, targets, temperature), ...) in one fused pass.
 
     Args:
@@ -491,11 +493,13 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
             a given chunk_size < T computes some logits twice (logged).
         return_logprobs: also return the per-token log-probs [B, T] (fp32, no grad, 0 at padding)
             that the loss used, e.g. to compare them with the sampler's; one store per token.
+        return_entropy: report the mean token entropy (stats["entropy"]) without an entropy bonus,
+            from the same pass; the loss and gradients are unchanged.
         backend: "auto" | "triton" | "torch".
 
     Returns:
         (loss, stats) like `grpo_loss`, or (loss, stats, logprobs) with return_logprobs; stats also has ``entropy`` (mean over real tokens) when
-        entropy_coef != 0, and stats["loss"] includes the entropy bonus. Gradients for hidden and
+        entropy_coef != 0 or return_entropy, and stats["loss"] includes the entropy bonus. Gradients for hidden and
         weight are computed in the forward (see the module docstring for the memory trade-off) and
         skipped under no_grad.
     """
@@ -523,7 +527,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     tok_w = (row_w[:, None] * (mask32 != 0)).reshape(-1).contiguous()       # [N] weight of each token in L
     flat = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
     tk = Tokens(targets.reshape(-1).contiguous(), flat(old_logprobs), flat(ref_logprobs), flat(rollout_logprobs),
-                advantages.float().contiguous(), tok_w, row_w.float().contiguous(), mask32, t, float(entropy_coef))
+                advantages.float().contiguous(), tok_w, row_w.float().contiguous(), mask32, t, float(entropy_coef),
+                entropy_coef != 0.0 or return_entropy)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     chunk = pick_chunk_size(b * t, weight.shape[0], device, weight.dtype, chunk_size)
@@ -534,7 +539,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, terms,
                                                need_h, need_w, chunk, backend)
     names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ()) + \
-        (("entropy",) if entropy_coef != 0.0 else ())
+        (("entropy",) if tk.entropy else ())
     stats = stats_dict(sums, count, names)
     if not return_logprobs:
         return loss, stats

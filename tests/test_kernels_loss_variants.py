@@ -344,3 +344,29 @@ def test_fused_return_logprobs_are_the_tokens_logprobs(backend, ratio_level, chu
     real = mask != 0
     torch.testing.assert_close(logp[real].double(), expect[real], atol=1e-6, rtol=1e-6)
     assert (logp[~real] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_fused_return_entropy_leaves_loss_and_grads_unchanged(backend, ratio_level):
+    """return_entropy reports the entropy an entropy bonus would use, from the same pass, and changes nothing else."""
+    g = torch.Generator().manual_seed(11)
+    b, t, hdim, v = 3, 5, 8, 37
+    h = torch.randn(b, t, hdim, generator=g).to(DEVICE)
+    w = torch.randn(v, hdim, generator=g).to(DEVICE)
+    y = torch.randint(0, v, (b, t), generator=g).to(DEVICE)
+    old = (-torch.rand(b, t, generator=g) * 3).to(DEVICE)
+    adv = torch.randn(b, generator=g).to(DEVICE)
+    mask = (torch.rand(b, t, generator=g) > 0.2).float().to(DEVICE)
+    runs = {}
+    for name, kw in (("plain", {}), ("entropy", {"return_entropy": True}), ("bonus", {"entropy_coef": 1e-30})):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, stats = fused_linear_grpo_loss(hh, ww, y, old, old, adv, mask, ratio_level=ratio_level,
+                                             backend=backend, **kw)
+        loss.backward()
+        runs[name] = (loss.detach(), hh.grad, ww.grad, stats)
+    assert "entropy" not in runs["plain"][3]
+    for a, c in zip(runs["plain"][:3], runs["entropy"][:3]):
+        assert torch.equal(a, c)
+    torch.testing.assert_close(runs["entropy"][3]["entropy"], runs["bonus"][3]["entropy"], rtol=1e-6, atol=1e-7)
+    assert runs["entropy"][3]["entropy"] > 0

@@ -233,31 +233,17 @@ class GRPOTrainer:
     @torch.no_grad()
     def token_logprobs(self, model, micro_batches: list[MicroBatch], total: int) -> torch.Tensor:
         """Per-token log-probs [num_samples, T_max] of the step's completions under `model`."""
-        return self._logprobs_pass(model, micro_batches, total, entropy=False)[0]
-
-    @torch.no_grad()
-    def _logprobs_pass(self, model, micro_batches: list[MicroBatch], total: int,
-                       entropy: bool) -> tuple[torch.Tensor, float | None]:
-        """token_logprobs, and with entropy the mean entropy of softmax(logits / T) over the completion
-        tokens of all ranks (the fused kernel computes it in the same pass)."""
         t_max = max((mb.targets.shape[1] for mb in micro_batches), default=1)  # a rank may have no samples
         out = torch.zeros(total, t_max, device=self.device)
-        ent_sum = torch.zeros((), device=self.device)
         for mb in micro_batches:
             hidden = self._hidden(model, mb)
             b, t, h = hidden.shape
-            res = linear_token_logprobs(hidden.reshape(b * t, h), model.lm_head.weight, mb.targets.reshape(-1),
-                                        temperature=self.cfg.temperature, return_entropy=entropy)
-            lp = (res[0] if entropy else res).view(b, t)
-            if entropy:
-                ent_sum += (res[1].view(b, t) * mb.mask).sum()
+            lp = linear_token_logprobs(hidden.reshape(b * t, h), model.lm_head.weight, mb.targets.reshape(-1),
+                                       temperature=self.cfg.temperature).view(b, t)
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             out[rows, :t] = lp * mb.mask
         self.dist.even_passes(model, len(micro_batches), train=False)
-        if not entropy:
-            return out, None
-        ent, tokens = self.dist.all_reduce_sum([float(ent_sum), float(sum(mb.num_tokens for mb in micro_batches))])
-        return out, ent / max(tokens, 1.0)
+        return out
 
     def rollout_logprobs(self, samples: list[Sample], micro_batches: list[MicroBatch]) -> torch.Tensor:
         """The sampler's log-probs of the completion tokens, laid out like token_logprobs' [num_samples, T_max]."""
@@ -310,7 +296,8 @@ class GRPOTrainer:
                 loss_type=loss_type, max_completion_len=cfg.max_new_tokens,
                 num_tokens=num_tokens if loss_type == "dapo" else None, ratio_level=ratio_level,
                 delta=delta, rollout_logprobs=pick(rollout_lp) if tis_cap is not None else None,
-                tis_cap=tis_cap, entropy_coef=entropy_coef, return_logprobs=measure_gap or supervised)
+                tis_cap=tis_cap, entropy_coef=entropy_coef, return_logprobs=measure_gap or supervised,
+                return_entropy=measure_gap and not supervised)
             # Weight each micro-batch so the accumulated gradient equals the full batch's:
             # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens;
             # dapo's loss is already divided by the step's token count.
@@ -335,7 +322,8 @@ class GRPOTrainer:
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
         for key, on in (("tis_weight", tis_cap is not None), ("tis_capped", tis_cap is not None),
-                        ("entropy_train", entropy_coef != 0), ("rollout_gap", measure_gap), ("nll", supervised)):
+                        ("entropy_train", measure_gap and not supervised or entropy_coef != 0),
+                        ("rollout_gap", measure_gap), ("nll", supervised)):
             if not on:
                 sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
@@ -402,22 +390,18 @@ class GRPOTrainer:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
             t_ref = time.perf_counter() - t1
-            # Old log-probs, and the policy's exact entropy over the trained completions in the same no-grad pass
-            # (with an entropy bonus the loss pass has it instead).
             old_lp = None
-            if cfg.num_iterations > 1 or cfg.entropy_coef == 0:
+            if cfg.num_iterations > 1:
                 self.model.eval()
-                lp, entropy = self._logprobs_pass(self.model, micro_batches, len(samples), entropy=cfg.entropy_coef == 0)
-                old_lp = lp if cfg.num_iterations > 1 else None
+                old_lp = self.token_logprobs(self.model, micro_batches, len(samples))
             t_policy = time.perf_counter() - t1 - t_ref
             t1 = time.perf_counter()
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
             for i in range(cfg.num_iterations):
                 # The gap is that of the policy the rollout sampled from: measured in the first pass only.
                 upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
-                if i == 0:
-                    rollout_gap = upd["rollout_gap"]  # the policy the rollout sampled from
-                    entropy = entropy if cfg.entropy_coef == 0 else upd["entropy_train"]
+                if i == 0:  # the policy the rollout sampled from; its exact entropy comes from the same loss pass
+                    rollout_gap, entropy = upd["rollout_gap"], upd["entropy_train"]
             t_update = time.perf_counter() - t1
         self.step += 1
 
@@ -453,14 +437,14 @@ class GRPOTrainer:
             # exact mean token entropy of the trained completions under the rollout policy (None: no update)
             "entropy": entropy,
             "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
-            "entropy_train": upd["entropy_train"],  # exact, from the loss pass (only with --entropy-coef)
+            "entropy_train": upd["entropy_train"],  # the same, from the last of --num-iterations loss passes
             "rollout_logprob_gap": rollout_gap, "tis_weight_mean": upd["tis_weight"], "tis_capped_frac": upd["tis_capped"],
             "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
             "lr": self.lr_at(self.step - 1),
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
-            "time_old_logprobs_entropy_s": t_policy,
+            "time_old_logprobs_s": t_policy,
             "step_time_s": time.perf_counter() - t0,
             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
             "peak_memory_scope": peak_memory_scope(self.device),
