@@ -164,8 +164,8 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.11",  # oldest pair tested: kernel and model tests (bench/compat_check.py)
+        "triton>=3.6; platform_system == 'Linux'",  # and compiled for sm_80/sm_90/sm_100 with it
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "numpy",
@@ -174,7 +174,7 @@ setup(
         "matplotlib>=3.5",  # plot.png of every run
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "peft>=0.10"],
+        "dev": ["pytest", "transformers>=4.45", "peft>=0.10", "tensorboard"],
         "flash": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
         "wandb": ["wandb"],  # --report-to wandb

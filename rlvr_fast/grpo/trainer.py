@@ -318,6 +318,7 @@ class GRPOTrainer:
                 gap = ((logp[0] - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
                 sums["rollout_gap"] += gap * token_share
         self.dist.even_passes(self.model, len(micro_batches), train=True)
+        t_opt = time.perf_counter()  # from here: gradient reduction, clipping and the optimizer step
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
@@ -340,7 +341,11 @@ class GRPOTrainer:
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                         self.step + 1, sums["loss"], float(grad_norm), self.bad_steps)
         self.master.zero_grad()  # gradients are not needed past the step: free them before the next rollout
-        return {**sums, "grad_norm": float(grad_norm), "skipped_update": not finite}
+        grad_norm = float(grad_norm)  # waits for the device
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {**sums, "grad_norm": grad_norm, "skipped_update": not finite,
+                "time_optimizer_s": time.perf_counter() - t_opt}
 
     def draw_groups(self) -> tuple[Rollout, list[int]]:
         """Dynamic sampling (DAPO): rounds of P prompts with G completions each until P groups hold rewards that
@@ -386,6 +391,7 @@ class GRPOTrainer:
         upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
                "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
         rollout_gap = entropy = None
+        t_optimizer = 0.0
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
@@ -400,6 +406,7 @@ class GRPOTrainer:
             for i in range(cfg.num_iterations):
                 # The gap is that of the policy the rollout sampled from: measured in the first pass only.
                 upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
+                t_optimizer += upd["time_optimizer_s"]
                 if i == 0:  # the policy the rollout sampled from; its exact entropy comes from the same loss pass
                     rollout_gap, entropy = upd["rollout_gap"], upd["entropy_train"]
             t_update = time.perf_counter() - t1
@@ -444,7 +451,7 @@ class GRPOTrainer:
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
             "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
             "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
-            "time_old_logprobs_s": t_policy,
+            "time_old_logprobs_s": t_policy, "time_optimizer_s": t_optimizer,  # the latter: part of time_update_s
             "step_time_s": time.perf_counter() - t0,
             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
             "peak_memory_scope": peak_memory_scope(self.device),

@@ -1,0 +1,50 @@
+"""Which torch / triton pair the kernels and the model were tested with: runs their test modules under
+this interpreter and records the versions and pytest's summary in bench/RESULTS.md.
+
+    python bench/compat_check.py                # from a virtual environment holding the pair to check
+
+setup.py's lower bounds for torch and triton are the oldest pair this has passed with. (A CUDA build of
+torch runs these tests on the CPU too: without a GPU, the Triton kernels run in the interpreter, and the
+GPU-compile tests build them for sm_80/sm_90/sm_100.)
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import append_results, markdown_table  # noqa: E402
+
+TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py", "tests/test_kernels_grpo_loss.py",
+         "tests/test_kernels_loss_variants.py", "tests/test_kernels_cuda_configs.py", "tests/test_kernels_api.py",
+         "tests/test_rollout_kernels.py", "tests/test_flash_attention.py", "tests/test_gpu_compile.py",
+         "tests/test_native_ops.py", "tests/test_model.py", "tests/test_shared_prompt_attention.py"]
+
+
+def main() -> int:
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT,
+                         capture_output=True, text=True)
+    lines = run.stdout.strip().splitlines()
+    summary = lines[-1] if lines else "(no output)"
+    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    rows = [[f"python {platform.python_version()}", f"torch {version('torch')}", f"triton {version('triton')}",
+             f"numpy {version('numpy')}", summary.strip("= ")]]
+    body = markdown_table(["python", "torch", "triton", "numpy", "kernel and model tests"], rows)
+    body += "\n\nTest modules: " + ", ".join(f"`{t}`" for t in TESTS) + "."
+    if failed:
+        body += "\n\n```\n" + "\n".join(failed[:20]) + "\n```"
+    print(body)
+    append_results("Compatibility: kernel and model tests on one torch / triton pair", body, "cpu",
+                   method="pytest on this interpreter's packages; CPU only (Triton interpreter, GPU compile "
+                          "without a GPU)")
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
