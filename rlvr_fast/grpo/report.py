@@ -44,7 +44,7 @@ def progress_line(m: dict[str, Any], total_steps: int, eta_s: float) -> str:
 
 PANELS = (
     # (y label, [(metric key, legend label)], y limits or None)
-    ("fraction (0-1)", [("reward_mean", "reward (train, mean)"), ("accuracy", "accuracy (train samples)"),
+    ("fraction (0-1); reward", [("reward_mean", "reward (train, mean)"), ("accuracy", "accuracy (train samples)"),
                         ("format_rate", "format (train samples)"), ("signal_frac", "groups with signal")], (-0.03, 1.05)),
     ("entropy (nats/token)", [("entropy", "policy entropy\n(trained tokens)")], None),
     ("KL (nats/token)", [("kl", "KL to reference")], None),
@@ -68,8 +68,8 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
                 ax.plot(*zip(*pts), label=label, linewidth=1.2)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ylim:
-            ax.set_ylim(*ylim)
+        if ylim:  # fractions fill [0, 1]; a weighted reward may pass 1 (e.g. correct + format credit)
+            ax.set_ylim(ylim[0], max(ylim[1], ax.get_ylim()[1]))
     before = [e for e in evals if e["step"] == 0 and not e.get("after_cold_start")][:1]
     cold = [e for e in evals if e.get("after_cold_start")]
     # the GRPO curve starts from the model GRPO started with: the cold start's, or the initial one
