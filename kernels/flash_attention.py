@@ -476,10 +476,8 @@ def _attention_torch(q, k, v, bounds: list[tuple[int, int, int, int]], causal: b
 # ----------------------------------------------------------------------------- checks
 
 
-def _check(op: str, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> list[tuple[int, int, int, int]] | None:
-    """Shapes, dtypes and devices, then one host read of the cu_seqlens (a device sync on CUDA) to
-    check their contents. Returns (q0, q1, k0, k1) per sequence, or None while a CUDA graph is
-    being captured (no host read possible; the kernels then trust the caller)."""
+def _check(op: str, q, k, v, cu_q, cu_k, max_q, max_k) -> None:
+    """Shapes, dtypes and devices (no host read)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(op, name, t)
         if t.dim() != 3:
@@ -507,6 +505,12 @@ def _check(op: str, q, k, v, cu_q, cu_k, max_q, max_k, causal: bool) -> list[tup
     for name, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise TypeError(f"{op}: {name} must be a non-negative Python int, got {m!r}")
+
+
+def _read_bounds(op: str, q, k, cu_q, cu_k, max_q, max_k, causal: bool) -> list[tuple[int, int, int, int]] | None:
+    """One host read of the cu_seqlens (a device sync on CUDA) to check their contents. Returns
+    (q0, q1, k0, k1) per sequence, or None while a CUDA graph is being captured (no host read
+    possible; the kernels then trust the caller)."""
     if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
         log_path(op, "unchecked cu_seqlens", "a CUDA graph is being captured, so they cannot be read on the host")
         return None
@@ -565,7 +569,7 @@ def _triton_unsupported(q: torch.Tensor) -> str | None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
-                    softmax_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                    softmax_scale: float | None = None, backend: str = "auto", check_seqlens: bool = True) -> torch.Tensor:
     """Attention over packed variable-length sequences (flash-attn's `flash_attn_varlen_func` contract).
 
     Args:
@@ -580,16 +584,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         softmax_scale: default 1 / sqrt(D).
         backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" (CUDA, or CPU
             under TRITON_INTERPRET=1 for tests), "torch" (SDPA per run of equal-length sequences, any device).
+        check_seqlens: read cu_seqlens on the host to check their contents (below). False skips that
+            read on the Triton path, for callers that built them from host lengths themselves (the
+            model: one check when its batch is built, not a device sync in every layer's call).
 
     Returns:
         [Nq, Hq, D] in q's dtype; differentiable w.r.t. q, k and v. A query that sees no key
         (non-causal, Lk = 0) gets 0. Softmax statistics and matmul accumulators are fp32.
 
     The contents of cu_seqlens are checked with one host read (a device sync on CUDA), except while
-    a CUDA graph is being captured.
+    a CUDA graph is being captured, or on the Triton path with check_seqlens=False.
     """
     op = "flash_attention"
-    bounds = _check(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    _check(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    read = lambda: _read_bounds(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,  # noqa: E731
+                                bool(causal))
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     picked = pick_backend(op, backend, q.device)
     if picked == "triton":
@@ -603,9 +612,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             raise TypeError(f"{op}: the Triton interpreter computes bfloat16 dots wrongly (Triton 3.9), so the Triton "
                             "path takes no bfloat16 on CPU: test bfloat16 on a GPU or use backend='torch'")
+        if check_seqlens:
+            read()
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return FlashAttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             bool(causal), scale)
+    bounds = read()  # the torch path cuts the packed tensors at these bounds
     if bounds is None:
         raise RuntimeError(f"{op}: the torch backend reads cu_seqlens on the host, which a CUDA graph capture forbids")
     return _attention_torch(q, k, v, bounds, bool(causal), scale)

@@ -252,3 +252,25 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
             assert r["local"] == 0 and r["stack"] == 0, \
                 f"{where}: spills to local memory ({r['local']} + {r['stack']} stack bytes per thread)"
             assert r["shared"] + r["shared_static"] <= SHARED_LIMIT[arch], f"{where}: shared memory {r['shared']}"
+
+
+def test_check_seqlens_false_skips_only_the_host_read(monkeypatch):
+    """check_seqlens=False: the Triton path reads no cu_seqlens on the host (the model's per-layer calls); the
+    structural checks stay, and the torch path, which needs the bounds, still reads and checks them."""
+    reads = []
+    real = fa._read_bounds
+    monkeypatch.setattr(fa, "_read_bounds", lambda *a: reads.append(1) or real(*a))
+    q = torch.randn(6, 2, 16, device=DEVICE)
+    k = torch.randn(8, 1, 16, device=DEVICE)
+    cu_q = torch.tensor([0, 2, 6], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    want = flash_attention(q, k, k, cu_q, cu_k, 4, 5, backend="torch")
+    assert len(reads) == 1
+    if fa.interpreting() or DEVICE == "cuda":
+        got = flash_attention(q, k, k, cu_q, cu_k, 4, 5, backend="triton", check_seqlens=False)
+        assert len(reads) == 1
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    flash_attention(q, k, k, cu_q, cu_k, 4, 5, backend="torch", check_seqlens=False)
+    assert len(reads) == 2
+    with pytest.raises(TypeError, match="int32"):
+        flash_attention(q, k, k, cu_q.long(), cu_k, 4, 5, backend="triton", check_seqlens=False)

@@ -225,7 +225,10 @@ def test_cuda_dispatch_takes_the_triton_kernel_without_flash_attn(monkeypatch):
     fake.flash_attention = varlen_attention_reference
     monkeypatch.setitem(sys.modules, "rlvr_fast.kernels.flash_attention", fake)
     monkeypatch.setattr(attn, "flash_attn_varlen_func", None)
-    assert attn._cuda_varlen(torch.bfloat16) == ("triton flash_attention", varlen_attention_reference)
+    name, fn = attn._cuda_varlen(torch.bfloat16)
+    # the model's batches are built from host lengths: no per-call host read (device sync) of cu_seqlens
+    assert name == "triton flash_attention" and fn.func is varlen_attention_reference
+    assert fn.keywords == {"check_seqlens": False}
     monkeypatch.setattr(attn, "flash_attn_varlen_func", "flash-attn")
     assert attn._cuda_varlen(torch.bfloat16)[0] == "flash_attn"
     assert attn._cuda_varlen(torch.float32)[0] == "triton flash_attention"  # flash-attn has no fp32

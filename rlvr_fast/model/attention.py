@@ -52,6 +52,7 @@ new token per sequence, `paged_attention`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -258,7 +259,8 @@ def _cuda_varlen(dtype: torch.dtype):
     except ImportError as e:
         raise RuntimeError("attention on CUDA needs flash-attn (fp16/bf16) or triton for the project's FlashAttention "
                            f"kernel: pip install triton (import failed: {e})") from e
-    return "triton flash_attention", flash_attention
+    # PackedBatch built cu_seqlens from host lengths: no host read (a device sync) in every layer's call.
+    return "triton flash_attention", functools.partial(flash_attention, check_seqlens=False)
 
 
 def shared_prompt_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch, varlen) -> torch.Tensor:
