@@ -167,3 +167,10 @@ def test_demonstrations_are_right_worked_products_with_the_answer_line(digits):
         assert answer == f"Final Answer: the final answer is {a * b}. I hope it is correct."
         assert task.score(problem, text) == {"correct": 1.0, "format": 1.0}
     assert digits in seen and (digits == (1, 1) or len(seen) > 1)  # sizes are mixed
+
+
+def test_demonstrations_without_curriculum_are_all_at_the_target_size():
+    """--no-curriculum trains and evaluates the target size only; the cold start demonstrates it only."""
+    task = MultiplyTask(digits=(2, 2), curriculum=False)
+    sizes = {(len(str(p.meta["a"])), len(str(p.meta["b"]))) for p, _ in task.demonstrations(random.Random(0), 40)}
+    assert sizes == {(2, 2)}
