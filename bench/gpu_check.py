@@ -16,6 +16,8 @@ that fails or hangs still leaves the others' results in the report:
 3. rollout  the engine vs transformers' generate on a Llama-3.2-1B shape (64 sequences x 256 new tokens,
             EOS ignored), CUDA graphs on and off; greedy output compared token by token in fp32.
 4. step     one GRPO step on the 1B shape (after one warm-up step): time split and peak memory.
+5. shared   shared-prompt training attention against plain varlen packing (bench/bench_shared_prompt.py):
+            one layer at long completions, and one micro-step of the 1B shape with a long prompt.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # rlvr_fast from this checkout, tests.tiny for th
 
 import torch  # noqa: E402
 
-PARTS = {"tests": 180, "kernels": 80, "rollout": 120, "step": 100}  # part -> time box (s) on a GPU
+PARTS = {"tests": 180, "kernels": 80, "rollout": 120, "step": 100, "shared": 100}  # part -> time box (s) on a GPU
 SMOKE_TEST = "tests/test_kernels_api.py::test_public_api"
 CUDA_TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py", "tests/test_kernels_grpo_loss.py",
               "tests/test_kernels_loss_variants.py", "tests/test_rollout_kernels.py", "tests/test_flash_attention.py",
@@ -395,7 +397,22 @@ def part_step(args, device: torch.device) -> str:
     return head + table(["metric", "value"], rows)
 
 
-PART_FNS = {"tests": part_tests, "kernels": part_kernels, "rollout": part_rollout, "step": part_step}
+def part_shared(args, device: torch.device) -> str:
+    """bench_shared_prompt.py's own tables (its children, its method), at sizes that fit the part's time box."""
+    if args.smoke:
+        sizes = ["--what", "layer,step", "--sizes", "4x2x8", "--step-sizes", "4x2x8", "--layers", "1", "--reps", "1"]
+    else:
+        sizes = ["--what", "layer,step", "--sizes", "1024x16x2048,128x16x8192", "--step-sizes", "1024x8x1024",
+                 "--reps", "3"]
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_shared_prompt.py"), *sizes, "--variants", "plain,shared,flex",
+           "--no-mem", "--no-write"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    tables = out.stdout[out.stdout.index("One attention op"):] if "One attention op" in out.stdout else out.stdout
+    return f"`{' '.join(cmd[1:]).replace(str(ROOT) + '/', '')}`\n\n{tables.strip()}"
+
+
+PART_FNS = {"tests": part_tests, "kernels": part_kernels, "rollout": part_rollout, "step": part_step,
+            "shared": part_shared}
 
 
 # ----------------------------------------------------------------------------------------------- driver

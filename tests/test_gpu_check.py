@@ -14,7 +14,7 @@ def test_gpu_check_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = out.read_text()
-    for part in ("tests", "kernels", "rollout", "step"):
+    for part in ("tests", "kernels", "rollout", "step", "shared"):
         assert f"## {part}: ok" in report, report
     assert "error:" not in report, report                     # no kernel row failed
     assert "2/2 sequences identical to transformers" in report, report
