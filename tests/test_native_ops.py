@@ -47,7 +47,9 @@ def shared_prefix_tables(lengths: list[int], block_size: int, num_blocks: int, s
 
 @pytest.mark.parametrize("dtype, src_dtype, slot_dtype", [(torch.float32, torch.float32, torch.int64),
                                                           (torch.bfloat16, torch.bfloat16, torch.int32),
-                                                          (torch.bfloat16, torch.float32, torch.int64)])
+                                                          (torch.bfloat16, torch.float32, torch.int64),
+                                                          (torch.float16, torch.float16, torch.int32),
+                                                          (torch.float16, torch.float32, torch.int64)])
 def test_write_kv_matches_reference_and_skips_negative_slots(dtype, src_dtype, slot_dtype):
     num_blocks, block_size, hkv, d = 9, 5, 3, 12
     g = torch.Generator().manual_seed(2)
@@ -150,7 +152,7 @@ def test_greedy_is_argmax_with_first_index_ties():
         assert (lp <= 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 50, 1.0), (1.0, 0, 0.9),
                                                        (0.8, 20, 0.7), (1.0, 1, 1.0), (1.0, 0, 0.05)])
 def test_sampled_tokens_equal_reference_for_same_keys(dtype, temperature, top_k, top_p):
@@ -202,7 +204,7 @@ def test_sample_needs_keys_when_sampling():
 
 # ------------------------------------------------------------------------------------------ decoder-layer ops
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden", [576, 37])
 def test_rms_norm_matches_the_model(dtype, hidden):
     g = torch.Generator().manual_seed(7)
@@ -215,11 +217,11 @@ def test_rms_norm_matches_the_model(dtype, hidden):
     assert got.dtype == dtype and got.shape == want.shape
     # Same formula and roundings; only the fp32 sum of squares is taken in another order.
     torch.testing.assert_close(got, want, rtol=2e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
-    if dtype == torch.bfloat16:
+    if dtype != torch.float32:
         assert (got == want).float().mean() > 0.99
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 2, 16)])
 def test_rotary_embedding_is_bit_identical_to_the_model(dtype, hq, hkv, d):
     g = torch.Generator().manual_seed(8)
