@@ -308,7 +308,7 @@ def test_fused_variants_low_precision(backend, variant, dtype):
                                                  **resolve(kw, roll, torch.float64))
     loss_r.backward()
     hn, wn = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss_n, stats_n = fused_linear_grpo_loss_ref(hn, wn, y, old, ref, adv, mask, **resolve(kw, roll))  # matmuls in dtype
+    loss_n, stats_n = fused_linear_grpo_loss_ref(hn, wn, y, old, ref, adv, mask, **resolve(kw, roll))  # in dtype
     loss_n.backward()
     check_lowp(loss, loss_r, loss_n, 1e-5)
     check_lowp(hk.grad, hr.grad, hn.grad, 1e-3)
