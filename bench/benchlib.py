@@ -13,7 +13,11 @@ Measurements run in child processes (one per mode for time, one per variant and 
   large buffer is its own mmap and goes back to the OS when freed (no allocator cache hiding or
   inflating the peak); timing runs in a separate child without that setting.
 
-Results are appended to bench/RESULTS.md by `append_results`, never typed by hand.
+Results go to bench/RESULTS.md through `append_results`, never typed by hand. RESULTS.md holds the
+latest section of each benchmark (its title) per machine kind (the GPU's name, else the CPU model and
+core count); a new run replaces the older section in place, and the replaced one is appended to
+bench/RESULTS-history.md. `python bench/benchlib.py --tidy` re-applies that rule to a RESULTS.md whose
+sections were appended another way (e.g. by a merge).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -35,6 +40,12 @@ import torch
 from rlvr_fast.grpo.memory import status_kib as _status_kib
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HISTORY = RESULTS.with_name("RESULTS-history.md")
+RESULTS_HEAD = ("# Benchmark results\n\nWritten by the scripts in bench/ (never by hand): the latest run of each "
+                "benchmark per machine kind (GPU name, else CPU model and cores). Older runs: "
+                "[RESULTS-history.md](RESULTS-history.md).\n\n")
+HISTORY_HEAD = ("# Benchmark results: history\n\nSections of RESULTS.md replaced by a newer run of the same benchmark "
+                "on the same machine kind, in the order they were replaced. Written by bench/benchlib.py.\n\n")
 MEMORY_METHOD = {
     "cuda": "peak extra memory = torch.cuda.max_memory_allocated() during one call minus allocated before it",
     "cpu": "peak extra memory = peak RSS (VmHWM, reset via /proc/self/clear_refs) during one call minus RSS "
@@ -188,8 +199,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, body: str, device: str, method: str | None = None) -> str:
-    """Append one section (machine, command, versions, date, tables) to bench/RESULTS.md.
+def append_results(title: str, body: str, device: str, method: str | None = None,
+                   results: Path = RESULTS, history: Path = HISTORY) -> str:
+    """Record one section (machine, command, versions, date, tables) in bench/RESULTS.md, replacing the
+    older section of the same title and machine kind (moved to RESULTS-history.md; see record_section).
     method: how the figures were measured, when not by the interleaved timing above."""
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -197,8 +210,73 @@ def append_results(title: str, body: str, device: str, method: str | None = None
                f"- date: {stamp}\n- machine: {machine()}\n- versions: {versions()}\n- command: `{cmd}`\n"
                f"- method: {method or 'median of interleaved timed calls after warm-up; ' + MEMORY_METHOD[device]}"
                f"\n\n{body}\n\n")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nWritten by the scripts in bench/ (never by hand); newest last.\n\n")
-    with RESULTS.open("a") as f:
-        f.write(section)
+    record_section(section, results, history)
     return section
+
+
+# ----------------------------------------------------------------------------- RESULTS.md: latest per machine kind
+
+
+def machine_kind(machine_desc: str) -> str:
+    """The part of a `machine()` line that names the kind of machine: the GPU's name if it has one
+    ('GPU NVIDIA H100 80GB HBM3 (79 GiB); CPU ...' -> 'NVIDIA H100 80GB HBM3'), else the CPU model
+    and core count ('CPU AMD EPYC, 2 cores' -> 'AMD EPYC, 2 cores')."""
+    desc = machine_desc.strip()
+    if desc.startswith("GPU "):
+        return desc[4:].split(" (", 1)[0].split(";", 1)[0].strip()
+    return desc.removeprefix("CPU ").strip()
+
+
+def split_sections(text: str) -> tuple[str, list[str]]:
+    """(the text before the first '## ' heading, the sections: each from its '## ' heading to the next)."""
+    starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.M)]
+    if not starts:
+        return text, []
+    bounds = starts + [len(text)]
+    return text[:starts[0]], [text[a:b].rstrip("\n") + "\n\n" for a, b in zip(bounds, bounds[1:])]
+
+
+def section_key(section: str) -> tuple[str, str]:
+    """(title, machine kind) of one section; sections with the same key are runs of the same benchmark."""
+    lines = section.splitlines()
+    title = lines[0].removeprefix("## ").strip()
+    machine_line = next((ln for ln in lines if ln.startswith("- machine: ")), "- machine: unknown")
+    return title, machine_kind(machine_line.removeprefix("- machine: "))
+
+
+def record_section(section: str, results: Path = RESULTS, history: Path = HISTORY) -> None:
+    """Put `section` into `results` in place of the older section(s) with the same section_key (appending
+    it if there is none) and append the replaced ones to `history`."""
+    head, sections = split_sections(results.read_text()) if results.exists() else (RESULTS_HEAD, [])
+    key = section_key(section)
+    replaced = [s for s in sections if section_key(s) == key]
+    if replaced:
+        at = next(i for i, s in enumerate(sections) if section_key(s) == key)
+        sections = [section if i == at else s for i, s in enumerate(sections) if i == at or section_key(s) != key]
+        if not history.exists():
+            history.write_text(HISTORY_HEAD)
+        with history.open("a") as f:
+            f.write("".join(replaced))
+    else:
+        sections.append(section)
+    results.write_text(head + "".join(sections))
+
+
+def tidy_results(results: Path = RESULTS, history: Path = HISTORY) -> None:
+    """Re-record every section of `results` in file order (oldest first), so that only the latest of each
+    benchmark per machine kind stays; the others go to `history`. For a RESULTS.md whose sections were
+    appended without record_section (a merge of two branches that both added runs)."""
+    head, sections = split_sections(results.read_text())
+    results.write_text(head)
+    for section in sections:
+        record_section(section, results, history)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tidy", action="store_true", help="keep only the latest section per benchmark and machine "
+                                                        "kind in RESULTS.md, moving the rest to RESULTS-history.md")
+    if ap.parse_args().tidy:
+        tidy_results()

@@ -27,6 +27,13 @@ TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py",
          "tests/test_native_ops.py", "tests/test_model.py", "tests/test_shared_prompt_attention.py"]
 
 
+def compat_title(torch_version: str, triton_version: str) -> str:
+    """One section per torch / triton minor pair (RESULTS.md keeps the latest run of each title)."""
+    def minor(v: str) -> str:
+        return ".".join(v.split("+")[0].split(".")[:2])
+    return f"Compatibility: kernel and model tests with torch {minor(torch_version)} + triton {minor(triton_version)}"
+
+
 def main() -> int:
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT,
                          capture_output=True, text=True)
@@ -40,7 +47,7 @@ def main() -> int:
     if failed:
         body += "\n\n```\n" + "\n".join(failed[:20]) + "\n```"
     print(body)
-    append_results("Compatibility: kernel and model tests on one torch / triton pair", body, "cpu",
+    append_results(compat_title(version("torch"), version("triton")), body, "cpu",
                    method="pytest on this interpreter's packages; CPU only (Triton interpreter, GPU compile "
                           "without a GPU)")
     return run.returncode

@@ -1,9 +1,8 @@
 // rlvr_fast._C: the rollout ops' schemas (torch.ops.rlvr_fast.*) and their CPU implementations.
 //
 // Schemas are defined here, once. The CPU kernels (csrc/cpu/*.cpp, plain C++ on raw pointers)
-// are registered for the CPU dispatch key below; kernels/paged_kv.py, paged_attention.py and
-// sampling.py register their Triton launchers for the CUDA key of the same ops from Python, so
-// torch.ops.rlvr_fast.<op> picks the implementation by the device of its tensors.
+// are registered for the CPU dispatch key below, the only one: on CUDA tensors kernels/paged_kv.py,
+// paged_attention.py and sampling.py launch their Triton kernels directly, not through these ops.
 //
 // This file checks shapes, dtypes, devices and index ranges, allocates outputs and splits the
 // work with at::parallel_for (OpenMP: the same thread pool as torch's own ops).

@@ -7,8 +7,8 @@ the rollout ops (write_kv, paged_attention, sample) also ``"native"``:
   native C++ op when the op has one and the extension is built (kernels/native.py), else the
   PyTorch path. The Triton interpreter is for tests, never picked automatically.
 * ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests).
-* ``"native"``: ``torch.ops.rlvr_fast.<op>``, which dispatches by device: the C++ kernel on CPU,
-  the Triton kernel on CUDA. Raises with build instructions when the extension is not built.
+* ``"native"``: ``torch.ops.rlvr_fast.<op>``, the C++ kernel, for CPU tensors only. Raises with
+  build instructions when the extension is not built.
 * ``"torch"``: the PyTorch path on any device.
 
 ``cpu_backend("torch")`` (a context manager) makes "auto" pick the PyTorch path on CPU for its
@@ -133,10 +133,9 @@ def pick_backend(op: str, backend: str, device: torch.device, has_native: bool =
         if not HAS_NATIVE:
             raise RuntimeError(f"{op}: backend='native' but the native CPU ops are {WHY_NOT}; "
                                "or use backend='auto' / 'torch'")
-        if device.type != "cpu" and not (device.type == "cuda" and HAS_TRITON and has_triton):
-            raise RuntimeError(f"{op}: backend='native' has a kernel for CPU tensors"
-                               + (" (and CUDA ones when Triton is installed)" if has_triton else "")
-                               + f"; got {device} tensors")
+        if device.type != "cpu":
+            raise RuntimeError(f"{op}: backend='native' has a kernel for CPU tensors only; got {device} tensors "
+                               "(use backend='auto')")
     elif backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: backend='triton' but triton is not installed; use backend='torch' "

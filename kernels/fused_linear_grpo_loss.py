@@ -60,9 +60,11 @@ from dataclasses import dataclass
 import torch
 
 from ._common import check_index, check_temperature, log_path, pick_backend, row_config, tl, triton
-from .grpo_loss import (STAT_NAMES, TIS_STAT_NAMES, LossTerms, check_grpo_args, grpo_core, grpo_token_terms,
-                        grpo_token_terms_torch, loss_weights, stats_dict, tis_weight, tis_weight_torch)
+from .grpo_loss import (LossTerms, check_grpo_args, grpo_core, grpo_token_terms, grpo_token_terms_torch, loss_weights,
+                        stats_dict, tis_weight, tis_weight_torch)
 from .linear_token_logprobs import check_linear_args, pick_chunk_size
+from .loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL,
+                           ENTROPY_STAT, STAT_NAMES, TIS_STAT_NAMES)
 
 OP = "fused_linear_grpo_loss"
 
@@ -469,10 +471,11 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                           advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
-                           clip_high: float = 0.2, beta: float = 0.04, loss_type: str = "grpo",
-                           max_completion_len: int | None = None, num_tokens: int | torch.Tensor | None = None,
-                           ratio_level: str = "token", delta: float | None = None,
+                           advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
+                           clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA,
+                           loss_type: str = DEFAULT_LOSS_TYPE, max_completion_len: int | None = None,
+                           num_tokens: int | torch.Tensor | None = None, ratio_level: str = DEFAULT_RATIO_LEVEL,
+                           delta: float | None = None,
                            rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
                            entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
                            return_logprobs: bool = False, return_entropy: bool = False, backend: str = "auto"):
@@ -539,7 +542,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, terms,
                                                need_h, need_w, chunk, backend)
     names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ()) + \
-        (("entropy",) if tk.entropy else ())
+        ((ENTROPY_STAT,) if tk.entropy else ())
     stats = stats_dict(sums, count, names)
     if not return_logprobs:
         return loss, stats

@@ -66,11 +66,8 @@ from dataclasses import dataclass
 import torch
 
 from ._common import FLOAT_DTYPES, check_float, check_same_device, check_shape, pick_backend, tl, token_config, triton
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-RATIO_LEVELS = ("token", "sequence")
-STAT_NAMES = ("kl", "ratio", "clip_low_frac", "clip_high_frac")
-TIS_STAT_NAMES = ("tis_weight_mean", "tis_capped_frac")
+from .loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL,
+                           LOSS_TYPES, RATIO_LEVELS, STAT_NAMES, TIS_STAT_NAMES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +298,7 @@ def grpo_core(backend: str, *args):
 
 def check_grpo_args(op: str, main: dict[str, torch.Tensor], old_logprobs, ref_logprobs, advantages, mask,
                     shape, *, clip_low, clip_high, beta, loss_type, max_completion_len, num_tokens=None,
-                    ratio_level="token", delta=None, rollout_logprobs=None, tis_cap=None) -> LossTerms:
+                    ratio_level=DEFAULT_RATIO_LEVEL, delta=None, rollout_logprobs=None, tis_cap=None) -> LossTerms:
     """Shapes, dtypes and hyper-parameters shared by grpo_loss and fused_linear_grpo_loss."""
     b, t = shape
     if loss_type not in LOSS_TYPES:
@@ -400,9 +397,10 @@ class GRPOLossFunction(torch.autograd.Function):
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
-              beta: float = 0.04, loss_type: str = "grpo", max_completion_len: int | None = None,
-              num_tokens: int | torch.Tensor | None = None, ratio_level: str = "token", delta: float | None = None,
+              advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
+              clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA, loss_type: str = DEFAULT_LOSS_TYPE,
+              max_completion_len: int | None = None, num_tokens: int | torch.Tensor | None = None,
+              ratio_level: str = DEFAULT_RATIO_LEVEL, delta: float | None = None,
               rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None, backend: str = "auto"):
     """GRPO / DAPO / GSPO-style clipped surrogate loss with a k3 KL penalty, fused with its statistics.
 

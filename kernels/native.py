@@ -8,13 +8,13 @@ Importing `rlvr_fast._C` registers the ops, their schemas and CPU kernels:
     torch.ops.rlvr_fast.rms_norm(x, weight, eps) -> out
     torch.ops.rlvr_fast.rotary_embedding(q, k, cos, sin) -> (q_out, k_out)
 
-paged_kv.py, paged_attention.py and sampling.py register their Triton launchers for the CUDA
-dispatch key of the first three, so each picks its kernel by device; their public functions
-(write_kv, paged_attention, sample) are the entry points the model code calls. The last two fuse
-a decoder layer's small ops for the CPU decode path (a few microseconds of dispatch each is what
-they cost there) and have no CUDA kernel; their entry points, `rms_norm` and `rotary_embedding`,
-are at the bottom of this file, their references in paged_reference.py. This module also registers
-fake (meta) implementations, so the ops trace under torch.compile.
+The ops have CPU kernels only: on CUDA tensors the public functions of paged_kv.py,
+paged_attention.py and sampling.py (write_kv, paged_attention, sample: the entry points the model
+code calls) launch their Triton kernels directly. The last two ops fuse a decoder layer's small ops
+for the CPU decode path (a few microseconds of dispatch each is what they cost there); their entry
+points, `rms_norm` and `rotary_embedding`, are at the bottom of this file, their references in
+paged_reference.py. Nothing traces the ops (no torch.compile of the rollout), so they have no fake
+kernels; add them with torch.library.register_fake before compiling code that calls them.
 
 HAS_NATIVE is False when the extension was not built (no compiler at install time,
 RLVR_FAST_NO_EXT=1) or when RLVR_FAST_NO_NATIVE=1 is set (for A/B runs and tests); one log line
@@ -45,39 +45,9 @@ else:
     except (ImportError, OSError) as exc:  # not built, or built against another torch
         WHY_NOT = f"not built ({exc}; {BUILD_HINT})"
 
-if HAS_NATIVE:
-
-    @torch.library.register_fake("rlvr_fast::paged_attention")
-    def _paged_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale):
-        return torch.empty_like(q)
-
-    @torch.library.register_fake("rlvr_fast::sample")
-    def _sample_fake(logits, keys, temperature, top_k=0, top_p=1.0):
-        b = logits.shape[0]
-        return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(b, dtype=torch.float32))
-
-    @torch.library.register_fake("rlvr_fast::write_kv")
-    def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
-        return None
-
-    @torch.library.register_fake("rlvr_fast::rms_norm")
-    def _rms_norm_fake(x, weight, eps):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("rlvr_fast::rotary_embedding")
-    def _rotary_embedding_fake(q, k, cos, sin):
-        return torch.empty_like(q), torch.empty_like(k)
-
-elif WHY_NOT.startswith("disabled"):
-    log.info("rlvr_fast: native CPU ops %s; using the PyTorch reference ops", WHY_NOT)
-else:
-    log.warning("rlvr_fast: native CPU ops %s; using the PyTorch reference ops", WHY_NOT)
-
-
-def register_cuda_kernel(op: str, fn) -> None:
-    """Register `fn` (a Triton launcher with the op's signature) for the CUDA key of rlvr_fast::`op`."""
-    if HAS_NATIVE:
-        torch.library.register_kernel(f"rlvr_fast::{op}", "cuda", fn)
+if not HAS_NATIVE:
+    log.log(logging.INFO if WHY_NOT.startswith("disabled") else logging.WARNING,
+            "rlvr_fast: native CPU ops %s; using the PyTorch reference ops", WHY_NOT)
 
 
 # ------------------------------------------------------------------ decoder-layer ops (CPU only)

@@ -12,8 +12,7 @@ A program whose context length is 0 (a CUDA-graph padding row) writes zeros.
 Backends: CUDA tensors -> the Triton kernel (no host-side max length, so it can be captured in a
 CUDA graph); CPU tensors -> the native op torch.ops.rlvr_fast.paged_attention (csrc/cpu/
 paged_attention.cpp: the same per-(sequence, kv head) online softmax in C++) when the extension is
-built, else paged_reference.paged_attention_ref (gather + two batched matmuls). The Triton launcher
-is also the CUDA kernel of torch.ops.rlvr_fast.paged_attention.
+built, else paged_reference.paged_attention_ref (gather + two batched matmuls).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 from .paged_reference import paged_attention_ref
 
 from ._common import HAS_TRITON, pick_backend, tl, triton
-from .native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -94,10 +92,6 @@ def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_D=triton.next_power_of_2(d),
     )
     return out
-
-
-if HAS_TRITON:
-    register_cuda_kernel("paged_attention", _paged_attention_triton)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -10,7 +10,7 @@ and written; the kernel is a pure copy, one program per token.
 
 Backends: CUDA tensors -> the Triton kernel; CPU tensors -> the native op torch.ops.rlvr_fast.write_kv
 (csrc/ops.cpp: a memcpy per token and head) when the extension is built, else `index_copy_`
-(paged_reference.write_kv_ref). The Triton launcher is also the CUDA kernel of torch.ops.rlvr_fast.write_kv.
+(paged_reference.write_kv_ref).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from .paged_reference import write_kv_ref
 
 from ._common import HAS_TRITON, pick_backend, tl, triton
-from .native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -63,10 +62,6 @@ def _write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_
         k_cache.shape[1], hkv, d,
         BLOCK_H=triton.next_power_of_2(hkv), BLOCK_D=triton.next_power_of_2(d),
     )
-
-
-if HAS_TRITON:
-    register_cuda_kernel("write_kv", _write_kv_triton)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .loss_options import DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL
+
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
@@ -47,9 +49,10 @@ def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_
 
 
 def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                  beta: float = 0.04, loss_type: str = "grpo", max_completion_len: int | None = None,
-                  num_tokens=None, ratio_level: str = "token", delta: float | None = None,
+                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
+                  clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA, loss_type: str = DEFAULT_LOSS_TYPE,
+                  max_completion_len: int | None = None, num_tokens=None, ratio_level: str = DEFAULT_RATIO_LEVEL,
+                  delta: float | None = None,
                   rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None):
     """The GRPO loss over [B, T] completion tokens, and its statistics (see grpo_loss.py for the math)."""
     real = mask != 0
@@ -84,6 +87,8 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
     count = mask.sum().clamp(min=1)
     clip_lo = (ratio < 1 - clip_low) & (adv < 0)
     clip_hi = (ratio > 1 + clip_high) & (adv > 0)
+    # The names of loss_options.STAT_NAMES and TIS_STAT_NAMES, written out to be read; the kernel
+    # tests check that the kernels return exactly these keys.
     stats = {
         "loss": loss.detach(),
         "kl": (kl * mask).sum().detach() / count,
@@ -112,8 +117,8 @@ def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targe
         real = mask != 0
         ent = torch.where(real, ent.view(b, t), 0.0)
         m = real.to(ent.dtype)
-        loss = loss - entropy_coef * _aggregate(ent, m, kw.get("loss_type", "grpo"), kw.get("max_completion_len"),
-                                                kw.get("num_tokens"))
+        loss = loss - entropy_coef * _aggregate(ent, m, kw.get("loss_type", DEFAULT_LOSS_TYPE),
+                                                kw.get("max_completion_len"), kw.get("num_tokens"))
         stats["loss"] = loss.detach()
         stats["entropy"] = (ent * m).sum().detach() / m.sum().clamp(min=1)
     return loss, stats

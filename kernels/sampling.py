@@ -24,8 +24,7 @@ search, top-k/top-p included -- so native and PyTorch draw the same tokens for t
 float rounding at a CDF boundary, ~1e-7 of draws).
 
 Backends: CUDA tensors and plain temperature/greedy -> Triton; CPU -> native if built, else
-PyTorch; CUDA with top-k/top-p -> PyTorch. torch.ops.rlvr_fast.sample on CUDA tensors runs this
-file's Triton launcher (or the PyTorch path for top-k/top-p).
+PyTorch; CUDA with top-k/top-p -> PyTorch.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import torch
 from .paged_reference import sample_ref
 
 from ._common import HAS_TRITON, pick_backend, row_config, tl, triton
-from .native import register_cuda_kernel
 
 
 if HAS_TRITON:
@@ -93,20 +91,6 @@ def _sample_triton(logits: torch.Tensor, keys: torch.Tensor, temperature: float)
     return tokens, logprobs
 
 
-def _sample_cuda(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.ops.rlvr_fast.sample on CUDA tensors: Triton for temperature/greedy, PyTorch for top-k/top-p."""
-    if top_k or top_p < 1.0:
-        return sample_ref(logits, keys, temperature, top_k, top_p)
-    if keys is None:
-        keys = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
-    return _sample_triton(logits, keys, temperature)
-
-
-if HAS_TRITON:
-    register_cuda_kernel("sample", _sample_cuda)
-
-
 def sample(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, top_k: int = 0, top_p: float = 1.0,
            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [B, V] -> (tokens [B] int64, logprobs [B] float32).
@@ -129,7 +113,9 @@ def sample(logits: torch.Tensor, keys: torch.Tensor | None, temperature: float, 
     op = "sample (top-k/top-p)" if filtered else "sample"
     picked = pick_backend(op, backend, logits.device, has_native=True)
     if picked == "triton":
-        return _sample_cuda(logits, keys, temperature)  # fills in the keys greedy decoding does not use
+        if keys is None:  # greedy reads no key, but the kernel takes a tensor
+            keys = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+        return _sample_triton(logits, keys, temperature)
     if picked == "native":
         return torch.ops.rlvr_fast.sample(logits, keys, float(temperature), int(top_k), float(top_p))
     return sample_ref(logits, keys, temperature, top_k, top_p)

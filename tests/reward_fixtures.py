@@ -20,6 +20,11 @@ def hang_on_request(prompt: str, completion: str, answer: str) -> float:
     return 1.0
 
 
+def slow(prompt: str, completion: str, answer: str) -> float:
+    time.sleep(0.5)
+    return 1.0
+
+
 def boom(prompt: str, completion: str, answer: str) -> float:
     raise RuntimeError("bug in the user's reward")
 

@@ -92,15 +92,16 @@ def test_all_masked_and_no_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bool_mask_and_bf16_logprobs(backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bool_mask_and_low_precision_logprobs(backend, dtype):
     logp, old, ref, adv, mask = make_batch(4, 5)
-    lp = logp.to(torch.bfloat16).requires_grad_()
+    lp = logp.to(dtype).requires_grad_()
     loss, _ = grpo_loss(lp, old, ref, adv, mask.bool(), backend=backend)
     loss.backward()
     lr = lp.detach().double().requires_grad_()
     loss_r, _ = grpo_loss_ref(lr, old.double(), ref.double(), adv.double(), mask)
     loss_r.backward()
-    assert lp.grad.dtype == torch.bfloat16
+    assert lp.grad.dtype == dtype
     torch.testing.assert_close(loss.double(), loss_r, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lp.grad.double(), lr.grad, atol=1e-4, rtol=1e-2)
 

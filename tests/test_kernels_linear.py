@@ -38,7 +38,7 @@ def check_lowp(got, ref64, naive, floor):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,V,chunk", [(1, 7, None), (5, 131, 2), (37, 131, 8), (9, 1000, 4)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_linear_token_logprobs(backend, dtype, N, V, chunk, temperature):
@@ -60,7 +60,7 @@ def test_linear_token_logprobs(backend, dtype, N, V, chunk, temperature):
             torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
     else:
         hn, wn = h.clone().requires_grad_(), w.clone().requires_grad_()
-        lp_n, ent_n = linear_token_logprobs_ref(hn, wn, y, temperature, return_entropy=True)  # bf16 matmuls
+        lp_n, ent_n = linear_token_logprobs_ref(hn, wn, y, temperature, return_entropy=True)  # matmuls in dtype
         (lp_n * g_lp + ent_n * g_ent).sum().backward()
         check_lowp(lp, lp_r, lp_n, 1e-5)
         check_lowp(ent, ent_r, ent_n, 1e-5)

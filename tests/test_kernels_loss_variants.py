@@ -290,23 +290,25 @@ def test_fused_entropy_stat_and_dapo_micro_batches(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["all", "entropy", "gspo_recompute"])
-def test_fused_variants_bf16(backend, variant):
-    """bf16 hidden / weight: the 2x rule of test_kernels_linear.py against a plain bf16 PyTorch run."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_variants_low_precision(backend, variant, dtype):
+    """bf16 / fp16 hidden and weight: the 2x rule of test_kernels_linear.py against a plain PyTorch run in
+    the same dtype."""
     B, T, H, V = 3, 6, 16, 131
-    h, w, y, old, ref, adv, mask = make_grpo(B, T, H, V, torch.bfloat16, seed=1)
+    h, w, y, old, ref, adv, mask = make_grpo(B, T, H, V, dtype, seed=1)
     roll = rollout_for(old, mask)
     kw, chunk = FUSED_VARIANTS[variant]
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss, stats = fused_linear_grpo_loss(hk, wk, y, old, ref, adv, mask, chunk_size=chunk, backend=backend,
                                          **resolve(kw, roll))
     loss.backward()
-    assert hk.grad.dtype == wk.grad.dtype == torch.bfloat16
+    assert hk.grad.dtype == wk.grad.dtype == dtype
     hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
     loss_r, stats_r = fused_linear_grpo_loss_ref(hr, wr, y, old.double(), ref.double(), adv.double(), mask,
                                                  **resolve(kw, roll, torch.float64))
     loss_r.backward()
     hn, wn = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss_n, stats_n = fused_linear_grpo_loss_ref(hn, wn, y, old, ref, adv, mask, **resolve(kw, roll))  # bf16 matmuls
+    loss_n, stats_n = fused_linear_grpo_loss_ref(hn, wn, y, old, ref, adv, mask, **resolve(kw, roll))  # in dtype
     loss_n.backward()
     check_lowp(loss, loss_r, loss_n, 1e-5)
     check_lowp(hk.grad, hr.grad, hn.grad, 1e-3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rlvr_fast
-from rlvr_fast.grpo.precision import MasterWeights, pick_dtype, stochastic_round_bf16
+from rlvr_fast.grpo.precision import MasterWeights, cpu_has_fast_bf16, pick_dtype, stochastic_round_bf16
 from rlvr_fast.train import main
 from tests.test_train import args, tiny  # noqa: F401  (module fixture)
 
@@ -61,10 +61,21 @@ def test_fp32_parameters_are_their_own_masters():
     assert master.state_dict() is None
 
 
-def test_auto_dtype():
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                      (False, True, torch.bfloat16)])
+def test_auto_dtype_on_cpu_follows_the_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
+    """auto picks bf16 on a CPU exactly when torch reports AMX or AVX512-BF16. raising=True: if torch
+    renames a probe, this fails instead of auto quietly picking fp32 on every CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=True)
+    assert cpu_has_fast_bf16() is (amx or avx512_bf16)
+    assert pick_dtype("auto", torch.device("cpu")) == expected
+
+
+def test_auto_dtype_on_cuda_and_explicit_names():
     assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert pick_dtype("float32", torch.device("cuda")) == torch.float32
-    assert pick_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    for name, dtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert pick_dtype(name, torch.device("cuda")) == pick_dtype(name, torch.device("cpu")) == dtype
 
 
 def test_bf16_run_trains_masters_and_saves_bf16(tiny, tmp_path):  # noqa: F811

@@ -15,11 +15,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from rlvr_fast.model.lora import LoRAConfig
+from rlvr_fast.grpo.advantages import SCALE_REWARDS
+from rlvr_fast.kernels.loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE,
+                                            DEFAULT_RATIO_LEVEL, LOSS_TYPES, RATIO_LEVELS)
+from rlvr_fast.model.lora import ALL_TARGETS, LoRAConfig
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-RATIO_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULES = ("constant", "cosine", "linear")
 SHARDS = ("none", "fsdp")
 REPORTERS = ("tensorboard", "wandb")
@@ -66,14 +66,14 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(2, "linear warm-up steps")
     schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    beta: float = opt(0.04, "KL penalty weight towards the frozen reference (0 = no reference model)")
-    clip_low: float = opt(0.2, "PPO clip: ratio lower bound 1 - clip_low")
-    clip_high: float = opt(0.2, "PPO clip: ratio upper bound 1 + clip_high (DAPO raises it)")
-    loss_type: str = opt("grpo", "loss aggregation over tokens: grpo (mean per completion, then over completions), "
-                         "bnpo (mean over a micro-batch's tokens), dr_grpo (sum / (completions x max-new-tokens)), "
-                         "dapo (sum / all completion tokens of the step)", choices=LOSS_TYPES)
-    ratio_level: str = opt("token", "importance ratio per token (GRPO) or per completion (sequence: GSPO, the "
-                           "exp of the completion's mean log-ratio)", choices=RATIO_LEVELS)
+    beta: float = opt(DEFAULT_BETA, "KL penalty weight towards the frozen reference (0 = no reference model)")
+    clip_low: float = opt(DEFAULT_CLIP_LOW, "PPO clip: ratio lower bound 1 - clip_low")
+    clip_high: float = opt(DEFAULT_CLIP_HIGH, "PPO clip: ratio upper bound 1 + clip_high (DAPO raises it)")
+    loss_type: str = opt(DEFAULT_LOSS_TYPE, "loss aggregation over tokens: grpo (mean per completion, then over "
+                         "completions), bnpo (mean over a micro-batch's tokens), dr_grpo (sum / (completions x "
+                         "max-new-tokens)), dapo (sum / all completion tokens of the step)", choices=LOSS_TYPES)
+    ratio_level: str = opt(DEFAULT_RATIO_LEVEL, "importance ratio per token (GRPO) or per completion (sequence: "
+                           "GSPO, the exp of the completion's mean log-ratio)", choices=RATIO_LEVELS)
     delta: float | None = opt(None, "dual clip: the unclipped ratio term is capped at delta (> 1 + clip-high)")
     tis_cap: float | None = opt(None, "truncated importance sampling: weight each token's loss by "
                                 "min(exp(trainer - rollout log-prob), tis-cap), correcting the sampler/trainer gap")
@@ -92,7 +92,7 @@ class TrainConfig:
     lora_rank: int = opt(0, "train LoRA adapters of this rank on --lora-targets, base weights frozen; the KL "
                             "reference is the model with adapters off, no copy (0 = full fine-tuning)")
     lora_alpha: float = opt(32.0, "LoRA: the low-rank update is scaled by alpha / rank")
-    lora_targets: str = opt("q,k,v,o,gate,up,down", "LoRA: decoder projections that get adapters (comma-separated)")
+    lora_targets: str = opt(",".join(ALL_TARGETS), "LoRA: decoder projections that get adapters (comma-separated)")
     merge: bool = opt(False, "LoRA: also write the merged model (HF layout) to OUTPUT/merged at the end")
     # machine
     dtype: str = opt("auto", "weights dtype: auto (bf16 on GPU and on CPUs with AMX/AVX512-BF16, else fp32), "

@@ -45,6 +45,7 @@ from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memor
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
+from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
 from rlvr_fast.rollout.model_runner import kv_bytes_per_block
@@ -282,9 +283,8 @@ class GRPOTrainer:
             group["lr"] = cfg.cold_start_lr if supervised else self.lr_at(self.step)
         self.master.zero_grad()
         # 0-dim tensors, read once after the loop: no host sync per micro-batch.
-        sums = {k: torch.zeros((), device=self.device) for k in ("loss", "kl", "ratio", "clip_low", "clip_high",
-                                                                 "tis_weight", "tis_capped", "entropy_train",
-                                                                 "rollout_gap", "nll")}
+        # The loss's statistics keep the kernels' names (loss_options.py).
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss", *ALL_STAT_NAMES, "rollout_gap", "nll")}
         for mb in micro_batches:
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             t = mb.targets.shape[1]
@@ -305,11 +305,9 @@ class GRPOTrainer:
             (loss * share).backward()
             token_share = mb.num_tokens / num_tokens
             sums["loss"] += loss.detach() * share
-            names = (("kl", "kl"), ("ratio", "ratio"), ("clip_low", "clip_low_frac"), ("clip_high", "clip_high_frac"),
-                     ("tis_weight", "tis_weight_mean"), ("tis_capped", "tis_capped_frac"), ("entropy_train", "entropy"))
-            for key, stat in names:
+            for stat in ALL_STAT_NAMES:
                 if stat in stats:
-                    sums[key] += stats[stat] * token_share
+                    sums[stat] += stats[stat] * token_share
             # The sampler's log-probs against the trainer's for the same tokens and weights: how far
             # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
             if supervised:
@@ -322,9 +320,10 @@ class GRPOTrainer:
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
-        for key, on in (("tis_weight", tis_cap is not None), ("tis_capped", tis_cap is not None),
-                        ("entropy_train", measure_gap and not supervised or entropy_coef != 0),
-                        ("rollout_gap", measure_gap), ("nll", supervised)):
+        measured = {**dict.fromkeys(TIS_STAT_NAMES, tis_cap is not None),
+                    ENTROPY_STAT: measure_gap and not supervised or entropy_coef != 0,
+                    "rollout_gap": measure_gap, "nll": supervised}
+        for key, on in measured.items():
             if not on:
                 sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
@@ -388,8 +387,7 @@ class GRPOTrainer:
         micro_batches, num_samples, num_tokens = self.pack(samples)
         t_ref = t_policy = t_update = 0.0
         # No group with signal: no update, and no update statistics (None, not a misleading 0).
-        upd = {"loss": None, "kl": None, "ratio": None, "clip_low": None, "clip_high": None, "grad_norm": None,
-               "tis_weight": None, "tis_capped": None, "entropy_train": None, "skipped_update": False}
+        upd = {"loss": None, **dict.fromkeys(ALL_STAT_NAMES), "grad_norm": None, "skipped_update": False}
         rollout_gap = entropy = None
         t_optimizer = 0.0
         if num_samples:
@@ -408,7 +406,7 @@ class GRPOTrainer:
                 upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
                 t_optimizer += upd["time_optimizer_s"]
                 if i == 0:  # the policy the rollout sampled from; its exact entropy comes from the same loss pass
-                    rollout_gap, entropy = upd["rollout_gap"], upd["entropy_train"]
+                    rollout_gap, entropy = upd["rollout_gap"], upd[ENTROPY_STAT]
             t_update = time.perf_counter() - t1
         self.step += 1
 
@@ -440,12 +438,13 @@ class GRPOTrainer:
             "completion_len_max": max(lengths),
             "truncated_frac": sum(c.finish_reason == "length" for g in ro.completions for c in g) / len(lengths),
             "kl": upd["kl"], "loss": upd["loss"], "ratio_mean": upd["ratio"],
-            "clip_low_frac": upd["clip_low"], "clip_high_frac": upd["clip_high"],
+            "clip_low_frac": upd["clip_low_frac"], "clip_high_frac": upd["clip_high_frac"],
             # exact mean token entropy of the trained completions under the rollout policy (None: no update)
             "entropy": entropy,
             "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
-            "entropy_train": upd["entropy_train"],  # the same, from the last of --num-iterations loss passes
-            "rollout_logprob_gap": rollout_gap, "tis_weight_mean": upd["tis_weight"], "tis_capped_frac": upd["tis_capped"],
+            "entropy_train": upd[ENTROPY_STAT],  # the same, from the last of --num-iterations loss passes
+            "rollout_logprob_gap": rollout_gap,
+            **{k: upd[k] for k in TIS_STAT_NAMES},  # tis_weight_mean, tis_capped_frac
             "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
             "lr": self.lr_at(self.step - 1),
             "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),

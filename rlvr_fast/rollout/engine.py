@@ -125,10 +125,6 @@ class RolloutEngine:
                                                 self.max_model_len, self.use_cuda_graphs)
         return runner
 
-    def free_cache(self) -> None:
-        """Release the KV cache (e.g. to give the memory to a training step); the next generate() reallocates it."""
-        self._runner = None
-
     # ------------------------------------------------------------------ generate
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | None = None,

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from rlvr_fast.kernels import HAS_TRITON
 from rlvr_fast.kernels.sampling import sample
 from rlvr_fast.model.attention import KVCacheContext, PackedBatch
 from rlvr_fast.model.llama import LlamaForCausalLM
@@ -22,14 +23,6 @@ from rlvr_fast.rollout.sampling_params import SamplingParams
 from rlvr_fast.rollout.scheduler import ScheduledBatch
 
 log = logging.getLogger("rlvr_fast")
-
-try:
-    import triton  # noqa: F401
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    _HAS_TRITON = False
-
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype | None = None) -> int:
     cfg = model.config
@@ -53,7 +46,7 @@ class ModelRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._graph_io: dict[str, torch.Tensor] = {}
         # Graphs need the Triton decode kernels: the PyTorch paths read lengths back to the host.
-        self._use_graphs = use_cuda_graphs and self.device.type == "cuda" and _HAS_TRITON
+        self._use_graphs = use_cuda_graphs and self.device.type == "cuda" and HAS_TRITON
         self._max_batch_size = max_batch_size
 
     # ------------------------------------------------------------------ steps

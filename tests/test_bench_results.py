@@ -1,0 +1,56 @@
+"""bench/benchlib.py keeps bench/RESULTS.md at the latest run of each benchmark per machine kind: a new
+section replaces the older one of the same title and machine kind in place, and the older one moves to
+the history file."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import benchlib  # noqa: E402
+
+
+def section(title: str, machine: str, figure: str) -> str:
+    return f"## {title}\n\n- date: d\n- machine: {machine}\n- command: `python x`\n\n| a |\n|---|\n| {figure} |\n\n"
+
+
+CPU = "CPU AMD EPYC, 2 cores"
+GPU = "GPU NVIDIA H100 80GB HBM3 (79 GiB); CPU AMD EPYC, 16 cores"
+
+
+def test_machine_kind():
+    assert benchlib.machine_kind(CPU) == "AMD EPYC, 2 cores"
+    assert benchlib.machine_kind(GPU) == "NVIDIA H100 80GB HBM3"
+    assert benchlib.machine_kind(benchlib.machine()) != ""
+
+
+def test_new_run_replaces_same_benchmark_and_machine_kind_in_place(tmp_path):
+    results, history = tmp_path / "RESULTS.md", tmp_path / "RESULTS-history.md"
+    for s in [section("a", CPU, "1"), section("b", CPU, "2"), section("a", GPU, "3")]:
+        benchlib.record_section(s, results, history)
+    assert not history.exists()
+    benchlib.record_section(section("a", CPU, "4"), results, history)  # newer run of a on the CPU
+    head, sections = benchlib.split_sections(results.read_text())
+    assert head == benchlib.RESULTS_HEAD
+    assert sections == [section("a", CPU, "4"), section("b", CPU, "2"), section("a", GPU, "3")]
+    _, old = benchlib.split_sections(history.read_text())
+    assert old == [section("a", CPU, "1")]
+    benchlib.record_section(section("c", GPU, "5"), results, history)  # a new benchmark goes last
+    assert benchlib.split_sections(results.read_text())[1][-1] == section("c", GPU, "5")
+
+
+def test_tidy_keeps_latest_per_key_and_moves_the_rest(tmp_path):
+    results, history = tmp_path / "RESULTS.md", tmp_path / "RESULTS-history.md"
+    appended = [section("a", CPU, "1"), section("b", CPU, "2"), section("a", CPU, "3"), section("a", CPU, "4")]
+    results.write_text("# title\n\nintro\n\n" + "".join(appended))  # as left by a merge of two logs
+    benchlib.tidy_results(results, history)
+    assert results.read_text() == "# title\n\nintro\n\n" + section("a", CPU, "4") + section("b", CPU, "2")
+    assert benchlib.split_sections(history.read_text())[1] == [section("a", CPU, "1"), section("a", CPU, "3")]
+
+
+def test_append_results_writes_through_record_section(tmp_path):
+    results, history = tmp_path / "RESULTS.md", tmp_path / "RESULTS-history.md"
+    first = benchlib.append_results("t", "| x |", "cpu", method="m", results=results, history=history)
+    second = benchlib.append_results("t", "| y |", "cpu", method="m", results=results, history=history)
+    assert benchlib.split_sections(results.read_text())[1] == [second]
+    assert benchlib.split_sections(history.read_text())[1] == [first]
