@@ -159,7 +159,7 @@ def make_step(variant, batch, p, g, c, device, dtype, a):
     prompt = torch.randint(3, 1000, (p,), generator=gen).tolist()
     samples = [Sample(prompt, torch.randint(3, 1000, (c + 1,), generator=gen).tolist(), float(i % 2) - 0.5, i, group=0)
                for i in range(g)]  # c + 1 tokens: c fed, as in the layer rows
-    mb = make_micro_batch(samples, share_prompts=variant != "plain", min_prompt_ratio=0).to(device)
+    mb = make_micro_batch(samples, share_prompts=variant != "plain").to(device)
     packed = mb.packed_batch()
     if variant == "tree":
         attn_mod.shared_prompt_attention = lambda q, k, v, b: tree_mask_attention(q, k, v, b)
@@ -227,7 +227,7 @@ def main():
     body = "\n\n".join(sections)
     print(body)
     if not a.no_write:
-        append_results("Shared-prompt training attention: shared vs plain packing vs tree mask", body, device)
+        append_results(f"Shared-prompt training attention, {a.what}: shared vs plain packing vs tree mask", body, device)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def samples() -> list[Sample]:
 
 def test_layouts_and_token_counts():
     s = samples()
-    plain, shared = make_micro_batch(s, share_prompts=False), make_micro_batch(s, min_prompt_ratio=0)
+    plain, shared = make_micro_batch(s, share_prompts=False), make_micro_batch(s)
     assert plain.prompt_lens is None and plain.cu_seqlens.numel() == len(s) + 1
     assert plain.num_input_tokens == sum(x.length for x in s)
     # Prompts first (group 0: 7, group 1: 4, the lone sample: 3), then the completions' fed tokens
@@ -36,7 +36,7 @@ def test_layouts_and_token_counts():
     assert shared.predictor_index[0, :5].tolist() == [6, 14, 15, 16, 17] and shared.predictor_index[1, 0] == 6
     assert torch.equal(plain.targets, shared.targets) and torch.equal(plain.mask, shared.mask)
     # The budget counts a continuing completion without its prompt.
-    assert split_by_tokens(s, 13, min_prompt_ratio=0) == [s[:3], s[3:5], s[5:]]
+    assert split_by_tokens(s, 13) == [s[:3], s[3:5], s[5:]]
     # The default rule: group 1's second completion (5 fed tokens) is longer than its 4-token prompt.
     assert make_micro_batch(s).completion_lens == [[4, 0, 2], [1], [5], [3]]
     assert split_by_tokens(s, 13, share_prompts=False) == [[x] for x in s]  # 11, 7, 9, 5, 9, 6 tokens
@@ -49,7 +49,7 @@ def test_shared_prompt_hidden_states_and_gradients_equal_plain(dtype):
                                                     "model_type": "llama"})).to(dtype)
     results = []
     for share in (False, True):
-        mb = make_micro_batch(samples(), share_prompts=share, min_prompt_ratio=0)
+        mb = make_micro_batch(samples(), share_prompts=share)
         model.zero_grad()
         hidden = mb.gather(model.forward_packed(mb.input_ids, mb.packed_batch()))  # [B, T, H]
         (hidden.float() * mb.mask[..., None]).pow(2).sum().backward()

@@ -19,7 +19,8 @@ GPU = "GPU NVIDIA H100 80GB HBM3 (79 GiB); CPU AMD EPYC, 16 cores"
 
 
 def test_machine_kind():
-    assert benchlib.machine_kind(CPU) == "AMD EPYC, 2 cores"
+    assert benchlib.machine_kind(CPU) == "CPU, 2 cores"
+    assert benchlib.machine_kind("CPU Intel(R) Xeon(R) Processor, 2 cores") == "CPU, 2 cores"
     assert benchlib.machine_kind(GPU) == "NVIDIA H100 80GB HBM3"
     assert benchlib.machine_kind(benchlib.machine()) != ""
 

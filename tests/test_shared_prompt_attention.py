@@ -178,7 +178,7 @@ def group_samples() -> list[Sample]:
 
 
 def model_outputs_and_grads(model: LlamaForCausalLM, share: bool) -> list[torch.Tensor]:
-    mb = make_micro_batch(group_samples(), share_prompts=share, min_prompt_ratio=0)  # share every completion
+    mb = make_micro_batch(group_samples(), share_prompts=share)
     model.zero_grad()
     hidden = mb.gather(model.forward_packed(mb.input_ids, mb.packed_batch())).float() * mb.mask[..., None]
     (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()

@@ -10,13 +10,10 @@ micro-batches under a token budget. Two layouts:
   lets each completion see its prompt and itself only (model/attention.py). With the multiply
   task's ~77-token prompt and ~30-token completions, a group of 8 is 317 tokens instead of 856.
   The hidden states, and so the loss and gradients, are those of the first layout.
-  A completion joins its group's shared prompt only when the prompt has at least
-  `min_prompt_ratio` (default SHARE_MIN_PROMPT_RATIO = 1) times as many tokens as the completion
-  feeds; a longer one gets its own copy of the prompt. Measured (bench/bench_shared_prompt.py,
-  bench/RESULTS.md, one attention layer on a busy 2-core CPU): prompt 1024 with completions of 256
-  or 1024 tokens, sharing is 1.1-2.1x faster and uses less memory; prompt 128 with completions of
-  256 or 1024 it was ~0.6x the speed of plain packing there (the same work, ~10x more small kernel
-  calls, which other jobs on the machine stall), at parity with one thread per process.
+  Sharing is exact and, measured, never slower than the first layout: the attention does the same
+  pairs or fewer (bench/bench_shared_prompt.py, one layer: 0.97-1.02x plain packing's time with a
+  128-token prompt and completions of 1-2k tokens, 1.2-2.8x faster with a 1024-token prompt) and every
+  other layer runs the prompt once instead of once per completion.
 
 The loss only needs the hidden states that predict completion tokens: the state at a token
 predicts the next one, so completion token 0 is predicted by the prompt's last token and token t
@@ -31,8 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from rlvr_fast.model.attention import PackedBatch
-
-SHARE_MIN_PROMPT_RATIO = 1.0  # see the module doc
 
 
 @dataclass
@@ -89,18 +84,15 @@ class MicroBatch:
         return self
 
 
-def _shares_prompt(prev: Sample | None, s: Sample, min_prompt_ratio: float) -> bool:
-    return (prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
-            and len(s.prompt_ids) >= min_prompt_ratio * (len(s.completion_ids) - 1))
+def _shares_prompt(prev: Sample | None, s: Sample) -> bool:
+    return prev is not None and s.group >= 0 and prev.group == s.group and prev.prompt_ids == s.prompt_ids
 
 
-def make_micro_batch(samples: list[Sample], share_prompts: bool = True,
-                     min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> MicroBatch:
-    """Pack samples in order; with share_prompts, consecutive samples of one group share one prompt copy
-    (each completion whose prompt has at least min_prompt_ratio times its fed tokens; 0: all)."""
+def make_micro_batch(samples: list[Sample], share_prompts: bool = True) -> MicroBatch:
+    """Pack samples in order; with share_prompts, consecutive samples of one group share one prompt copy."""
     groups: list[list[Sample]] = []  # consecutive samples that share a prompt (singletons without sharing)
     for s in samples:
-        if share_prompts and groups and _shares_prompt(groups[-1][-1], s, min_prompt_ratio):
+        if share_prompts and groups and _shares_prompt(groups[-1][-1], s):
             groups[-1].append(s)
         else:
             groups.append([s])
@@ -147,14 +139,13 @@ def make_micro_batch(samples: list[Sample], share_prompts: bool = True,
                       completion_lens, predictor, targets, mask, adv)
 
 
-def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True,
-                    min_prompt_ratio: float = SHARE_MIN_PROMPT_RATIO) -> list[list[Sample]]:
+def split_by_tokens(samples: list[Sample], budget: int, share_prompts: bool = True) -> list[list[Sample]]:
     """Greedy, in order: fill each micro-batch up to `budget` fed tokens (a longer sample gets its own).
     With share_prompts a sample that continues its group's segment costs only its completion."""
     batches: list[list[Sample]] = []
     used = budget + 1
     for s in samples:
-        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s, min_prompt_ratio)
+        shared = share_prompts and batches and _shares_prompt(batches[-1][-1] if batches[-1] else None, s)
         cost = len(s.completion_ids) - 1 if shared else s.length
         if used + cost > budget:
             batches.append([])

@@ -82,10 +82,8 @@ class TrainConfig:
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
     micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
     share_prompts: bool = opt(True, "train each group's prompt once per micro-batch, its completions attending to "
-                                    "that one copy (exact; O(tokens) memory). A completion shares only when its "
-                                    "prompt is at least as long as it (measured rule, bench/bench_shared_prompt.py: "
-                                    "prompt >= completion was 1.1-2.1x faster than plain packing, shorter prompts "
-                                    "no faster); longer completions get their own prompt copy")
+                                    "that one copy (exact; O(tokens) memory; measured never slower than a prompt "
+                                    "copy per completion: bench/bench_shared_prompt.py)")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
     grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
     # LoRA (rlvr_fast/model/lora.py)
