@@ -37,8 +37,8 @@ def test_layouts_and_token_counts():
     assert torch.equal(plain.targets, shared.targets) and torch.equal(plain.mask, shared.mask)
     # The budget counts a continuing completion without its prompt.
     assert split_by_tokens(s, 13) == [s[:3], s[3:5], s[5:]]
-    # The default rule: group 1's second completion (5 fed tokens) is longer than its 4-token prompt.
-    assert make_micro_batch(s).completion_lens == [[4, 0, 2], [1], [5], [3]]
+    # A completion longer than its prompt shares it too (group 1: 5 fed tokens, 4-token prompt).
+    assert make_micro_batch(s).completion_lens == [[4, 0, 2], [1, 5], [3]]
     assert split_by_tokens(s, 13, share_prompts=False) == [[x] for x in s]  # 11, 7, 9, 5, 9, 6 tokens
 
 
