@@ -388,7 +388,8 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        print(benchlib.append_results("GRPO step: ours vs TRL GRPOTrainer", body, "e2e"))
+        title = f"GRPO step: ours vs TRL GRPOTrainer, {args.new_tokens} new tokens, {args.dtype}"  # one section each
+        print(benchlib.append_results(title, body, "e2e"))
 
 
 if __name__ == "__main__":

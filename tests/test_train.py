@@ -285,6 +285,15 @@ class ScheduledTask(DigitsTask):
 register_task("scheduled-test", lambda cfg: ScheduledTask())
 
 
+def test_without_a_kl_reference_kl_is_not_reported_as_zero(tiny, tmp_path, capsys):
+    """--beta 0 keeps no reference model: a step that trains reports KL as missing, not as 0."""
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "scheduled-test", "--steps", "1", "--beta", "0")) == 0
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert step["grad_norm"] is not None and step["kl"] is None  # it trained, and measured no KL
+    assert "kl -" in capsys.readouterr().out
+
+
 def test_dynamic_sampling_draws_until_p_groups_have_signal(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(args(tiny, out, "--task", "scheduled-test", "--steps", "2", "--max-oversample", "3")) == 0

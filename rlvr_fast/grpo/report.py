@@ -66,6 +66,8 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
             pts = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), label=label, linewidth=1.2)
+        if not ax.lines:  # e.g. KL with --beta 0: say so rather than draw a flat 0
+            ax.text(0.5, 0.5, "not measured in this run", transform=ax.transAxes, ha="center", va="center")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ylim:  # fractions fill [0, 1]; a weighted reward may pass 1 (e.g. correct + format credit)

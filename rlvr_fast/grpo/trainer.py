@@ -322,7 +322,7 @@ class GRPOTrainer:
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
         measured = {**dict.fromkeys(TIS_STAT_NAMES, tis_cap is not None),
                     ENTROPY_STAT: measure_gap and not supervised or entropy_coef != 0,
-                    "rollout_gap": measure_gap, "nll": supervised}
+                    "rollout_gap": measure_gap, "nll": supervised, "kl": ref_lp is not None}  # --beta 0: no KL
         for key, on in measured.items():
             if not on:
                 sums[key] = None  # option off: no statistic (None, not a misleading 0)
