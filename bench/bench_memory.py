@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import shapes  # noqa: E402  (bench/shapes.py)
 
 MARK = "BENCH_MEMORY_RESULT "
 BETA = 0.04
@@ -52,17 +53,8 @@ VARIANTS = {  # name -> (lora_rank, grad_checkpoint)
     "LoRA r=16": (16, False),
     "LoRA r=16 + grad checkpoint": (16, True),
 }
-LLAMA3_VOCAB = 128256
-SHAPES = {  # name -> (hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied)
-    "tiny": (64, 128, 2, 4, 2, 16, 49152, True),
-    "smollm2-135m": (576, 1536, 30, 9, 3, 64, 49152, True),
-    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 64, LLAMA3_VOCAB, True),
-    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128, LLAMA3_VOCAB, True),
-    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128, LLAMA3_VOCAB, False),
-    "llama-13b-gqa": (5120, 13824, 40, 40, 8, 128, LLAMA3_VOCAB, False),
-    "llama-34b-gqa": (8192, 22016, 48, 64, 8, 128, LLAMA3_VOCAB, False),
-    "llama-3.1-70b": (8192, 28672, 80, 64, 8, 128, LLAMA3_VOCAB, False),
-}
+# bench/shapes.py; "tiny" keeps the default tokenizer's vocabulary here (the step's prompts are real text).
+SHAPES = {**shapes.SHAPES, "tiny": shapes.shape("tiny", vocab_size=49152)}
 GPU_SHAPES = "llama-3.2-1b,llama-3.2-3b,llama-3.1-8b,llama-13b-gqa,llama-34b-gqa,llama-3.1-70b"
 
 
@@ -89,11 +81,9 @@ def _memory_now(device) -> int:
 def _random_llama(shape: str, device, dtype):
     import torch
 
-    from rlvr_fast import LlamaConfig, LlamaForCausalLM
-    h, i, layers, heads, kv, hd, vocab, tied = SHAPES[shape]
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, max_position_embeddings=4096,
-                      rope_theta=500000.0, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+    from rlvr_fast import LlamaForCausalLM
+    cfg = SHAPES[shape]
+    tied = cfg.tie_word_embeddings
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)  # the dtype before allocating: no fp32 copy of a 70B model
     model = model.to_empty(device=device)
@@ -242,8 +232,7 @@ def grow(args: argparse.Namespace) -> tuple[str, str, str]:
         print(f"running {shape} ...", file=sys.stderr, flush=True)
         r = run_child(args, shape=shape)
         print(f"  {shape}: {r}", file=sys.stderr, flush=True)
-        h, i, layers, heads, kv, hd, vocab, tied = SHAPES[shape]
-        desc = f"h {h}, i {i}, {layers} layers, {heads}/{kv} heads x {hd}, vocab {vocab}{', tied' if tied else ''}"
+        desc = shapes.describe(SHAPES[shape])
         if "params" not in r:
             rows.append([shape, desc, "-", "no: " + r.get("oom", r.get("error", "?")), "-", "-", "-"])
             break

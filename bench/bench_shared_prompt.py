@@ -28,14 +28,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import _run_child, append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from shapes import shape  # noqa: E402
 
 VARIANTS = ["plain", "tree", "shared", "flex"]
-MODELS = {  # shapes only; weights are random
-    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-}
+MODELS = {"135m": "smollm2-135m", "1b": "llama-3.2-1b"}  # --model -> bench/shapes.py (weights are random)
 
 
 def parse():
@@ -145,16 +141,14 @@ def make(variant: str, mode: str, device: str):
 
 
 def make_step(variant, batch, p, g, c, device, dtype, a):
-    from rlvr_fast import LlamaConfig, LlamaForCausalLM
+    from rlvr_fast import LlamaForCausalLM
     from rlvr_fast.grpo.batching import Sample, make_micro_batch
     from rlvr_fast.kernels import fused_linear_grpo_loss
     from rlvr_fast.model import attention as attn_mod
     from rlvr_fast.model.attention_reference import tree_mask_attention
 
-    cfg = dict(MODELS[a.model], architectures=["LlamaForCausalLM"], model_type="llama")
-    if a.layers:
-        cfg["num_hidden_layers"] = a.layers
-    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg)).to(device=device, dtype=dtype)
+    cfg = shape(MODELS[a.model], **({"num_hidden_layers": a.layers} if a.layers else {}))
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (p,), generator=gen).tolist()
     samples = [Sample(prompt, torch.randint(3, 1000, (c + 1,), generator=gen).tolist(), float(i % 2) - 0.5, i, group=0)
@@ -211,7 +205,7 @@ def main():
             desc = (f"One attention op, forward + backward, SmolLM2-135M heads (9 query, 3 KV, head_dim 64), {a.dtype}, "
                     f"{device}: one prompt of P tokens and G completions of C tokens.")
         else:
-            layers = a.layers or MODELS[a.model]["num_hidden_layers"]
+            layers = a.layers or shape(MODELS[a.model]).num_hidden_layers
             desc = (f"One training micro-step (forward_packed + fused GRPO loss + backward) of a {a.model} model shape "
                     f"with {layers} decoder layers, random weights, {a.dtype}, {device}: one prompt of P tokens and G "
                     f"completions of C tokens in one micro-batch.")

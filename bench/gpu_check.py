@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 import zlib
-from dataclasses import asdict, dataclass
+import dataclasses
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,29 +44,17 @@ sys.path.insert(0, str(ROOT))  # rlvr_fast from this checkout, tests.tiny for th
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from shapes import SHAPES, describe, shape as model_shape  # noqa: E402
+
+from rlvr_fast.model.config import LlamaConfig  # noqa: E402
+
 PARTS = {"tests": 180, "kernels": 80, "rollout": 120, "step": 100, "shared": 100}  # part -> time box (s) on a GPU
 SMOKE_TEST = "tests/test_kernels_api.py::test_public_api"
 CUDA_TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py", "tests/test_kernels_grpo_loss.py",
               "tests/test_kernels_loss_variants.py", "tests/test_rollout_kernels.py", "tests/test_flash_attention.py",
               "tests/test_rollout.py", "tests/test_model.py", "tests/test_precision.py"]
 
-
-@dataclass(frozen=True)
-class Shape:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-
-
-SHAPES = {
-    "llama-3.1-8b": Shape(4096, 14336, 32, 32, 8, 128, 128256),
-    "llama-3.2-1b": Shape(2048, 8192, 16, 32, 8, 64, 128256),
-    "tiny": Shape(64, 128, 2, 4, 2, 16, 320),
-}
 
 # Nominal dense peaks (memory GB/s, bf16 tensor TFLOP/s) from the vendors' data sheets; first match of the name.
 PEAKS = [("H200", 4800, 989), ("H100 PCIe", 2000, 756), ("H100", 3350, 989), ("B200", 8000, 2250),
@@ -107,12 +95,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def random_model(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Our LlamaForCausalLM with random weights, built directly on the device."""
-    from rlvr_fast import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig.from_dict({**asdict(shape), "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-                                 "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 0,
-                                 "eos_token_id": 2, "architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+def random_model(shape: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Our LlamaForCausalLM with random weights (untied head), built directly on the device."""
+    from rlvr_fast import LlamaForCausalLM
+    cfg = dataclasses.replace(shape, tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
@@ -154,8 +140,7 @@ def part_tests(args, device: torch.device) -> str:
 def model_parity(args, device: torch.device) -> str:
     """Our logits vs transformers' LlamaForCausalLM, same random weights (2 layers at Llama-3.2-1B widths)."""
     import transformers
-    shape = SHAPES["tiny" if args.smoke else "llama-3.2-1b"]
-    shape = Shape(**{**asdict(shape), "num_hidden_layers": 2})
+    shape = model_shape("tiny" if args.smoke else "llama-3.2-1b", num_hidden_layers=2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_checkpoint(random_model(shape, torch.device("cpu"), torch.float32), Path(tmp) / "model")
@@ -172,7 +157,7 @@ def model_parity(args, device: torch.device) -> str:
             rows.append([str(dtype).removeprefix("torch."), f"{diff:.3g}", f"{scale:.3g}",
                          ok if tol else "(report only: bf16 kernels differ)"])
             del ours, hf
-    return "Model logits vs transformers (random weights, " + f"{shape}):\n\n" + table(
+    return "Model logits vs transformers (random weights, " + f"{describe(shape)}):\n\n" + table(
         ["dtype", "max abs diff", "max abs logit", "within tolerance"], rows)
 
 
@@ -344,7 +329,7 @@ def part_rollout(args, device: torch.device) -> str:
         prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), k) for a, b in zip(got, ref)]
         lines.append(f"Greedy, fp32, {prompts} prompts x {k} tokens: {same}/{prompts} sequences identical to "
                      f"transformers; first differing position per sequence: {prefix} ({k} = none).")
-    head = (f"{shape} random weights, {prompts} prompts x {n} completions x {new} new tokens, EOS ignored, "
+    head = (f"{describe(shape)} random weights, {prompts} prompts x {n} completions x {new} new tokens, EOS ignored, "
             f"{str(dt).removeprefix('torch.')}, median of 2 after a warm-up.\n\n")
     return head + table(["generator", "tokens/s", "vs transformers"], rows) + "\n\n" + "\n".join(lines)
 
@@ -391,7 +376,7 @@ def part_step(args, device: torch.device) -> str:
     keys = ["time_rollout_s", "time_reference_s", "time_update_s", "time_optimizer_s", "step_time_s", "peak_memory_gb",
             "rollout_tokens_per_s", "train_tokens_per_s"]
     rows = [[k, f"{m[k]:.3f}" if isinstance(m.get(k), float) else m.get(k, "missing")] for k in keys]
-    head = (f"{shape} random weights, {str(dt).removeprefix('torch.')}, {p} prompts x {gsize} completions x up to "
+    head = (f"{describe(shape)} random weights, {str(dt).removeprefix('torch.')}, {p} prompts x {gsize} completions x up to "
             f"{new} tokens, beta {cfg.beta}; the second of two steps. time_update_s is forward + backward + optimizer; time_optimizer_s is the "
             "optimizer's part (gradient reduction, clipping, AdamW, the copy back to the model).\n\n")
     return head + table(["metric", "value"], rows)
