@@ -107,6 +107,16 @@ def _key_stages(start_m, len_q, len_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
 
 
 @triton.jit
+def _attended(q_idx, k_idx, in_range, diag, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a tile are attended: in_range (inside both sequences), and with CAUSAL the
+    key at or below the query's diagonal, aligned bottom-right (k <= q + len_k - len_q = q + diag). q_idx and
+    k_idx come broadcastable to the tile's orientation ([M, N] forward and dq, [N, M] dk/dv)."""
+    if CAUSAL:
+        in_range = in_range & (k_idx <= q_idx + diag)
+    return in_range
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d, lo, hi, len_k, diag,
                qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -118,10 +128,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, rows, off
                        HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] scores in base 2
         if MASKED:
-            ok = cols[None, :] < len_k
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None] + diag)
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_attended(rows[:, None], cols[None, :], cols[None, :] < len_k, diag, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: no inf - inf
         alpha = tl.exp2(m_i - m_ref)
@@ -182,11 +189,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, rows,
         v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], cols, len_k, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
-        if MASKED:
-            ok = cols[None, :] < len_k
-            if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None] + diag)
-            p = tl.where(ok, p, 0.0)  # also drops any inf from exp2 of a hidden score
+        if MASKED:  # also drops any inf from exp2 of a hidden score
+            p = tl.where(_attended(rows[:, None], cols[None, :], cols[None, :] < len_k, diag, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -255,10 +259,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             delta = tl.load(delta_base + rows)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])  # [N, M]
         if MASKED:
-            ok = rows[None, :] < len_q
-            if CAUSAL:
-                ok = ok & (cols[:, None] <= rows[None, :] + diag)
-            p_t = tl.where(ok, p_t, 0.0)
+            p_t = tl.where(_attended(rows[None, :], cols[:, None], rows[None, :] < len_q, diag, CAUSAL), p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
