@@ -391,7 +391,9 @@ def part_shared(args, device: torch.device) -> str:
                  "--reps", "3"]
     cmd = [sys.executable, str(ROOT / "bench" / "bench_shared_prompt.py"), *sizes, "--variants", "plain,shared,flex",
            "--no-mem", "--no-write"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:  # the bench's own error, not just an exit status, goes into the report
+        raise RuntimeError(f"bench_shared_prompt.py failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
     tables = out.stdout[out.stdout.index("One attention op"):] if "One attention op" in out.stdout else out.stdout
     return f"`{' '.join(cmd[1:]).replace(str(ROOT) + '/', '')}`\n\n{tables.strip()}"
 
