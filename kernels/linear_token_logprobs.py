@@ -127,7 +127,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """log_softmax(hidden @ weight.T / temperature)[target] per token, without the [N, V] logits.
 
     Args:
-        hidden: [N, H] final hidden states (after the last norm), float32 / bfloat16 / float16.
+        hidden: [N, H] final hidden states (after the last norm), float32 / bfloat16 / float16;
+            or [..., H] with targets [...] (e.g. [B, T, H] and [B, T]): results come back as [...].
         weight: [V, H] the lm_head weight, same dtype and device as hidden.
         targets: [N] int64 (or int32) token ids in [0, V).
         temperature: positive float (log-probs of softmax(logits / T)).
@@ -137,20 +138,22 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         backend: "auto" (Triton row kernels on CUDA, PyTorch on CPU), "triton" or "torch".
 
     Returns:
-        float32 [N] log-probs (and entropies). Differentiable w.r.t. hidden and weight; the
+        float32 [N] (or [...]) log-probs (and entropies). Differentiable w.r.t. hidden and weight; the
         backward recomputes each chunk's logits (one extra matmul) instead of storing them.
         hidden is made contiguous if it is not (an [N, H] copy, small next to [N, V]).
     """
     op = "linear_token_logprobs"
     check_linear_args(op, hidden, weight)
     check_index(op, "targets", targets)
-    if hidden.dim() != 2:
-        raise ValueError(f"{op}: hidden must be [N, H], got shape {list(hidden.shape)}; reshape(-1, H) first")
-    if tuple(targets.shape) != (hidden.shape[0],):
-        raise ValueError(f"{op}: targets must have shape [N] = [{hidden.shape[0]}], got {list(targets.shape)}")
+    if hidden.dim() < 2 or tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{op}: hidden [..., H] and targets [...] must agree on the leading dims, got hidden "
+                         f"{list(hidden.shape)} and targets {list(targets.shape)}")
+    lead = hidden.shape[:-1]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     device = check_same_device(op, hidden=hidden, weight=weight, targets=targets)
     inv_t = 1.0 / check_temperature(op, temperature)
     backend = pick_backend(op, backend, device)
     chunk = pick_chunk_size(hidden.shape[0], weight.shape[0], device, weight.dtype, chunk_size)
-    return LinearTokenLogprobsFunction.apply(hidden.contiguous(), weight, targets.contiguous(), inv_t,
-                                             bool(return_entropy), chunk, backend)
+    out = LinearTokenLogprobsFunction.apply(hidden.contiguous(), weight, targets.contiguous(), inv_t,
+                                            bool(return_entropy), chunk, backend)
+    return tuple(o.view(lead) for o in out) if return_entropy else out.view(lead)

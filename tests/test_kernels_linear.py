@@ -171,6 +171,16 @@ def test_chunk_size_budget():
         pick_chunk_size(100, 7, cpu, torch.float32, 0)
 
 
+def test_linear_token_logprobs_keeps_leading_dims():
+    """[B, T, H] hidden with [B, T] targets gives [B, T] results, the same numbers as the flat call."""
+    h, w, y, *_ = make_grpo(3, 4, 16, 131, torch.float32)
+    lp, ent = linear_token_logprobs(h, w, y, 0.7, return_entropy=True)
+    lp_flat, ent_flat = linear_token_logprobs(h.reshape(12, 16), w, y.reshape(-1), 0.7, return_entropy=True)
+    assert lp.shape == ent.shape == y.shape
+    torch.testing.assert_close(lp, lp_flat.view(3, 4), rtol=0, atol=0)
+    torch.testing.assert_close(ent, ent_flat.view(3, 4), rtol=0, atol=0)
+
+
 def test_errors():
     h, w, y, old, ref, adv, mask = make_grpo(3, 4, 16, 131, torch.float32)
     hf = h.reshape(12, 16)
@@ -178,9 +188,9 @@ def test_errors():
         linear_token_logprobs(hf, w.bfloat16(), y.reshape(-1))
     with pytest.raises(ValueError, match="hidden size mismatch"):
         linear_token_logprobs(hf[:, :8], w, y.reshape(-1))
-    with pytest.raises(ValueError, match="targets must have shape \\[N\\]"):
+    with pytest.raises(ValueError, match="must agree on the leading dims"):
         linear_token_logprobs(hf, w, y)
-    with pytest.raises(ValueError, match="hidden must be \\[N, H\\]"):
+    with pytest.raises(ValueError, match="must agree on the leading dims"):
         linear_token_logprobs(h, w, y.reshape(-1))
     with pytest.raises(ValueError, match="hidden must be \\[B, T, H\\]"):
         fused_linear_grpo_loss(h[:, :3], w, y, old, ref, adv, mask)
