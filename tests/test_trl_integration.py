@@ -183,7 +183,19 @@ def test_metrics_values_match_trl(trainer_and_batch):
         assert {"kl", *METRICS} <= set(metrics)
 
 
-def test_train_end_to_end_logs_trl_metrics(model_dir, tmp_path):
+def test_train_end_to_end_logs_trl_metrics(model_dir, tmp_path, monkeypatch):
+    """A few optimizer steps of FusedGRPOTrainer.train(); TRL's chunked head runs only under no_grad (old/ref
+    log-probs), never for the loss."""
+    import trl.trainer.utils as trl_utils
+
+    head_calls = []
+    original = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting_apply(*a):
+        head_calls.append(torch.is_grad_enabled())
+        return original(*a)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
     args = make_config(tmp_path, beta=0.04, use_bias_correction_kl=False, loss_type="dapo", gradient_accumulation_steps=2,
                        per_device_train_batch_size=4, num_iterations=2)
     trainer = FusedGRPOTrainer(model=str(model_dir), reward_funcs=toy_reward, args=args, train_dataset=dataset())
@@ -195,6 +207,7 @@ def test_train_end_to_end_logs_trl_metrics(model_dir, tmp_path):
         assert {"kl", *METRICS} <= set(h), set(h)
         assert all(h[m] == h[m] for m in ("kl", *METRICS))  # not NaN
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert head_calls and not any(head_calls), head_calls  # old + ref log-probs only, all without grad
 
 
 REFUSED = [
@@ -240,3 +253,29 @@ def test_patch_refuses_and_patches(trainer_and_batch):
         patched._compute_loss(patched.model, bad)
     with pytest.raises(ValueError, match="pixel_values"):
         patched._compute_loss(patched.model, dict(batch, pixel_values=torch.zeros(1)))
+
+
+def test_tool_mask_matches_trl(trainer_and_batch):
+    """Tool-call tokens (tool_mask 0) are left out of the loss, as in TRL."""
+    trainer, batch = trainer_and_batch
+    tool_mask = torch.ones_like(batch["completion_mask"])
+    tool_mask[0, 2:5] = 0
+    tool_mask[5, :4] = 0
+    compare(trainer, dict(batch, tool_mask=tool_mask), check_metrics=True, loss_type="bnpo", beta=0.04, delta=None,
+            epsilon=0.2, epsilon_high=None, importance_sampling_level="token")
+
+
+def test_peft_lora_matches_trl(model_dir, tmp_path, trainer_and_batch):
+    peft = pytest.importorskip("peft")
+    _, batch = trainer_and_batch
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=toy_reward, args=make_config(tmp_path),
+                          train_dataset=dataset(), peft_config=lora)
+    trainer.model.train()
+    for name, p in trainer.model.named_parameters():  # LoRA B starts at 0: make the adapters do something
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    use_fused_grpo_loss(trainer)
+    batch = {k: v for k, v in batch.items() if k != "ref_per_token_logps"}
+    compare(trainer, batch, check_metrics=True, loss_type="grpo", beta=0.0, delta=None, epsilon=0.2,
+            epsilon_high=None, importance_sampling_level="sequence")

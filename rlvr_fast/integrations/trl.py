@@ -36,13 +36,23 @@ import types
 from contextlib import nullcontext
 
 import torch
+import trl
 from accelerate.utils import is_peft_model
+from packaging.version import Version
 from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from rlvr_fast.kernels import fused_linear_grpo_loss
 
 log = logging.getLogger("rlvr_fast.integrations.trl")
+
+# Written against and tested with TRL 1.16 (its _compute_loss, config fields and metric names).
+TESTED_TRL = "1.16"
+if Version(trl.__version__).release[:2] < (1, 16):
+    raise ImportError(f"rlvr_fast.integrations.trl needs trl>=1.16 (found {trl.__version__}): pip install 'trl>=1.16'")
+if Version(trl.__version__).release[:2] != (1, 16):
+    log.warning("rlvr_fast.integrations.trl was tested with trl %s.x; this is trl %s: re-run "
+                "tests/test_trl_integration.py before trusting it", TESTED_TRL, trl.__version__)
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Inputs of vision-language batches (see GRPOTrainer._compute_loss); the fused loss reads text only.
