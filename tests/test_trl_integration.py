@@ -46,6 +46,18 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def accelerator_state():
+    """Every TrainingArguments resets accelerate's process-wide state and a trainer re-creates it; a test that
+    only builds a config (the refusals) would leave the module's shared trainer without one."""
+    yield
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not AcceleratorState._shared_state:
+        Accelerator(cpu=True)
+
+
 def make_config(tmp_path, **kw) -> GRPOConfig:
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=G, max_completion_length=8,
                 report_to="none", use_cpu=True, logging_steps=1, max_steps=2, beta=0.0, seed=0,
@@ -279,3 +291,15 @@ def test_peft_lora_matches_trl(model_dir, tmp_path, trainer_and_batch):
     batch = {k: v for k, v in batch.items() if k != "ref_per_token_logps"}
     compare(trainer, batch, check_metrics=True, loss_type="grpo", beta=0.0, delta=None, epsilon=0.2,
             epsilon_high=None, importance_sampling_level="sequence")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_backend_matches_trl(trainer_and_batch, level):
+    """The CUDA path's kernels (Triton interpreter on CPU): they keep padding rows, which hold TRL's zeros."""
+    trainer, batch = trainer_and_batch
+    trainer._rlvr_fast_loss_kwargs = {"backend": "triton"}
+    try:
+        compare(trainer, batch, check_metrics=True, loss_type="dapo", beta=0.04, delta=1.5, epsilon=0.2,
+                epsilon_high=0.28, importance_sampling_level=level)
+    finally:
+        del trainer._rlvr_fast_loss_kwargs
