@@ -138,7 +138,8 @@ def compare(trainer, batch, accumulation=1, check_metrics=False, **opts):
     scale = max(g.abs().max().item() for g in ref_grads.values())
     assert scale > 0
     for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name} {opts}: {m}")
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name} {opts}: {m}")
     assert set(metrics) == set(ref_metrics), (set(metrics) ^ set(ref_metrics))
     if check_metrics:
         for name in metrics:
@@ -208,7 +209,8 @@ def test_train_end_to_end_logs_trl_metrics(model_dir, tmp_path, monkeypatch):
         return original(*a)
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
-    args = make_config(tmp_path, beta=0.04, use_bias_correction_kl=False, loss_type="dapo", gradient_accumulation_steps=2,
+    args = make_config(tmp_path, beta=0.04, use_bias_correction_kl=False, loss_type="dapo",
+                       gradient_accumulation_steps=2,
                        per_device_train_batch_size=4, num_iterations=2)
     trainer = FusedGRPOTrainer(model=str(model_dir), reward_funcs=toy_reward, args=args, train_dataset=dataset())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}

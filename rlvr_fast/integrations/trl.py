@@ -17,16 +17,19 @@ TRL's head and ours never both run on it.
 Matched exactly (tests/test_trl_integration.py compares loss, every parameter's gradient and the
 metrics with TRL's own `_compute_loss`): loss_type grpo / bnpo / dr_grpo / dapo (with TRL's
 `num_items_in_batch` normalisation per accumulation window and process), importance_sampling_level
-token / sequence, beta 0 or not (with use_bias_correction_kl=False, see below), epsilon / epsilon_high, delta (> 1 + epsilon_high), temperature,
-old_per_token_logps present or None, tool_mask, gradient accumulation, PEFT (LoRA-style) models.
-Metrics: the names TRL logs in `_compute_loss` (kl, entropy, clip_ratio/...), same reductions.
+token / sequence, beta 0 or not (non-zero needs use_bias_correction_kl=False, see below), epsilon /
+epsilon_high, delta (> 1 + epsilon_high), temperature, old_per_token_logps present or None,
+tool_mask, gradient accumulation, LoRA-style PEFT models. Metrics: the names TRL logs in
+`_compute_loss` (kl, entropy, clip_ratio/...), same reductions. Under autocast both heads compute
+the logits in the autocast dtype (close to TRL, not bit-equal).
 
 Refused with a ValueError naming the option (at construction / patch time): every other loss_type,
 top_entropy_quantile < 1, entropy_coef / use_adaptive_entropy, off_policy_mask_threshold,
-use_bias_correction_kl=True with beta != 0 (TRL's default for that flag; it weights the KL by the
-importance ratio, which the kernel does not: set it to False), vLLM importance-sampling correction, MoE router aux loss, use_liger_kernel,
-delta <= 1 + epsilon_high, vision-language models, prompt-learning PEFT, an lm_head with a bias,
-logit softcapping or logit scaling; at call time: multimodal inputs and per-token [B, T] advantages.
+use_bias_correction_kl=True with beta != 0 (TRL's default for that flag: it multiplies the KL by
+the importance ratio, which the kernel does not), vLLM importance-sampling correction, the MoE
+router aux loss, use_liger_kernel, delta <= 1 + epsilon_high, vision-language models,
+prompt-learning PEFT, an lm_head with a bias, logit softcapping or scaling; at call time:
+multimodal inputs and per-token [B, T] advantages.
 """
 
 from __future__ import annotations
