@@ -320,3 +320,26 @@ def test_bf16_autocast_close_to_trl(trainer_and_batch):
     for name, g in grads.items():
         err = (g - ref_grads[name]).norm() / ref_grads[name].norm()
         assert err < 0.02, (name, err.item())  # measured <= 0.6 %
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_eval_mode_matches_trl(trainer_and_batch, loss_type):
+    """prediction_step's path: no_grad, model.eval(), no accumulation factor, metrics under 'eval'."""
+    trainer, batch = trainer_and_batch
+    configure(trainer, loss_type=loss_type, beta=0.04, delta=None, epsilon=0.2, epsilon_high=None,
+              importance_sampling_level="token")
+    trainer.current_gradient_accumulation_steps, trainer.args.steps_per_generation = 4, 2  # unused in eval
+    trainer.model.eval()
+    try:
+        results = []
+        for fn in (GRPOTrainer._compute_loss, fused_compute_loss):
+            trainer._metrics["eval"].clear()
+            with torch.no_grad():
+                results.append((fn(trainer, trainer.model, batch).item(), dict(trainer._metrics["eval"])))
+    finally:
+        trainer.model.train()
+    (ref_loss, ref_metrics), (loss, metrics) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    assert metrics.keys() == ref_metrics.keys()
+    for name in metrics:
+        assert metrics[name] == pytest.approx(ref_metrics[name], rel=1e-5, abs=1e-6), name
