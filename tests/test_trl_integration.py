@@ -126,10 +126,10 @@ def loss_and_grads(fn, trainer, micro_batches):
     return total, grads, copy.deepcopy(dict(trainer._metrics["train"]))
 
 
-def compare(trainer, batch, accumulation=1, check_metrics=False, **opts):
+def compare(trainer, batch, accumulation=1, check_metrics=False, steps_per_generation=None, **opts):
     configure(trainer, **opts)
     trainer.current_gradient_accumulation_steps = accumulation
-    trainer.args.steps_per_generation = accumulation
+    trainer.args.steps_per_generation = steps_per_generation or accumulation
     micro = split_tensor_dict(batch, accumulation) if accumulation > 1 else [batch]
     ref_loss, ref_grads, ref_metrics = loss_and_grads(GRPOTrainer._compute_loss, trainer, micro)
     loss, grads, metrics = loss_and_grads(fused_compute_loss, trainer, micro)
@@ -176,7 +176,8 @@ def test_gradient_accumulation_matches_trl(trainer_and_batch, loss_type):
     """Two micro-batches per window (TRL's num_items_in_batch / accumulation normalisation), one of them
     also without old_per_token_logps (num_iterations == 1: TRL uses the detached log-probs)."""
     trainer, batch = trainer_and_batch
-    compare(trainer, batch, accumulation=2, check_metrics=True, loss_type=loss_type, beta=0.04,
+    # steps_per_generation 4: the generation batch spans two accumulation windows (dapo's normaliser halves)
+    compare(trainer, batch, accumulation=2, steps_per_generation=4, check_metrics=True, loss_type=loss_type, beta=0.04,
             importance_sampling_level="token", delta=None, epsilon=0.2, epsilon_high=0.28)
     no_old = {k: v for k, v in batch.items() if k != "old_per_token_logps"}
     trainer.current_gradient_accumulation_steps = 2
