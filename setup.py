@@ -174,11 +174,11 @@ setup(
         "matplotlib>=3.5",  # plot.png of every run
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "peft>=0.10", "tensorboard"],
+        "dev": ["pytest", "transformers>=4.45", "peft>=0.10", "tensorboard", "trl>=1.16"],  # trl: test oracle
         "flash": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
         "wandb": ["wandb"],  # --report-to wandb
-        "bench": ["transformers>=4.45", "liger-kernel", "trl"],
+        "bench": ["transformers>=4.45", "liger-kernel", "trl>=1.16"],  # also rlvr_fast.integrations.trl
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
