@@ -17,8 +17,9 @@ import random
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from rlvr_fast.tasks.base import Problem
+from rlvr_fast.tasks.base import CORRECT, Problem
 
 PROMPT = ("Please answer the following question. You may write out your argument before stating your final "
           "answer X in a new line, following the format \"Final Answer: the final answer is X. I hope it is "
@@ -170,6 +171,17 @@ class MultiplyTask:
     def eval_problems(self, digits: tuple[int, int] | None = None) -> list[Problem]:
         return [self.make_problem(a, b) for a, b in self._eval_pairs(tuple(digits or self.digits))]
 
+    def eval_sets(self) -> list[tuple[str, list[Problem]]]:
+        """The target size, and the curriculum's current level while it is below the target."""
+        sets = [("target", self.eval_problems())]
+        if self.current_digits != self.digits:
+            sets.append(("level", self.eval_problems(self.current_digits)))
+        return sets
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} {self.digits[0]} x {self.digits[1]} digits"
+
     def _eval_pairs(self, digits: tuple[int, int]) -> list[tuple[int, int]]:
         """A fixed set of distinct problems of this size, from its own generator (never the training one)."""
         da, db = digits
@@ -225,6 +237,18 @@ class MultiplyTask:
             self._move(+1)
             return "up"
         return None
+
+    def after_step(self, problems: list[Problem], components: list[list[dict[str, float]]]) -> tuple[dict[str, Any], str | None]:
+        """The trainer's hook after each step's rollout: `observe` every group drawn; returns the step's curriculum
+        metrics (the level it trained at, whether it moved) and, when it moved, a line saying so."""
+        level = list(self.current_digits)
+        moved = self.observe(problems, [[c.get(CORRECT, 0.0) for c in row] for row in components])
+        metrics = {"level": level, "promoted": moved == "up", "demoted": moved == "down"}
+        if moved is None:
+            return metrics, None
+        why = "probes of it held right answers" if moved == "up" else f"no right answer in {self.demote_after} steps"
+        a, b = self.current_digits
+        return metrics, f"curriculum: moving {'up' if moved == 'up' else 'back down'} to {a} x {b} digits ({why})"
 
     def _move(self, by: int) -> None:
         self.level += by
