@@ -48,7 +48,7 @@ from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
-from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, eval_sets, summarize, total_reward
+from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize, total_reward
 from rlvr_fast.tasks.pool import RewardPool
 
 log = logging.getLogger("rlvr_fast")
@@ -198,18 +198,13 @@ class GRPOTrainer:
     # ---- schedule -------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * self._lr_factor(step)
-
-    def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
         if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+            return cfg.lr * ((step + 1) / (cfg.warmup_steps + 1))
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
+            return cfg.lr * (0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return cfg.lr * (max(0.0, 1 - progress) if cfg.schedule == "linear" else 1.0)
 
     # ---- rollout and rewards -------------------------------------------------------------
 
@@ -304,10 +299,9 @@ class GRPOTrainer:
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, micro_batches: list[MicroBatch],
                         sum_names: tuple[str, ...], loss_fn, noise_key: int) -> dict[str, Any]:
-        """One optimizer step over the micro-batches. loss_fn(mb, hidden) gives the micro-batch's loss, weighted so
-        the accumulated gradient equals the full batch's, and its 0-dim contributions to the step's `sum_names`
-        (summed here and over ranks, read once after the loop: no host sync per micro-batch). A non-finite loss
-        or gradient skips the step and is counted in bad_steps."""
+        """One optimizer step. loss_fn(mb, hidden): the micro-batch's loss, weighted so the accumulated gradient is
+        the full batch's, and its 0-dim parts of the step's `sum_names` (summed over ranks, read once at the end:
+        no host sync per micro-batch). A non-finite loss or gradient skips the step, counted in bad_steps."""
         cfg = self.cfg
         self.model.train()
         for group in optimizer.param_groups:
@@ -325,8 +319,8 @@ class GRPOTrainer:
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
         params = [p for p in self.master.master_params if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(  # FSDP: a DTensor
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
@@ -411,8 +405,9 @@ class GRPOTrainer:
         for k, s in enumerate(samples):
             s.index = k
         micro_batches, num_samples, num_tokens = self.pack(samples)
-        first = last = {**dict.fromkeys(("loss", *ALL_STAT_NAMES, "rollout_gap", "grad_norm")), "skipped_update": False}
-        t_ref = t_policy = t_update = t_optimizer = 0.0
+        passes = [{**dict.fromkeys(("loss", *ALL_STAT_NAMES, "rollout_gap", "grad_norm")), "skipped_update": False,
+                   "time_optimizer_s": 0.0}]  # no group with signal: no update, no statistics (None, not 0)
+        t_ref = t_policy = t_update = 0.0
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
@@ -424,11 +419,10 @@ class GRPOTrainer:
             t_policy = time.perf_counter() - t1 - t_ref
             t1 = time.perf_counter()
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
-            for i in range(cfg.num_iterations):
-                last = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
-                first = last if i == 0 else first
-                t_optimizer += last["time_optimizer_s"]
+            passes = [self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
+                      for i in range(cfg.num_iterations)]
             t_update = time.perf_counter() - t1
+        first, last = passes[0], passes[-1]
         return {
             "kl": last["kl"], "loss": last["loss"], "ratio_mean": last["ratio"],
             "clip_low_frac": last["clip_low_frac"], "clip_high_frac": last["clip_high_frac"],
@@ -439,7 +433,8 @@ class GRPOTrainer:
             "grad_norm": last["grad_norm"], "skipped_update": last["skipped_update"],
             "train_tokens_per_s": num_tokens * cfg.num_iterations / max(t_update, 1e-9) if num_samples else 0.0,
             "time_reference_s": t_ref, "time_update_s": t_update,
-            "time_old_logprobs_s": t_policy, "time_optimizer_s": t_optimizer,  # the latter: part of time_update_s
+            "time_old_logprobs_s": t_policy,
+            "time_optimizer_s": sum(p["time_optimizer_s"] for p in passes),  # part of time_update_s
         }
 
     def train_step(self) -> dict[str, Any]:
@@ -453,8 +448,8 @@ class GRPOTrainer:
         adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
         trained = self.train_on(ro, keep, adv)
         self.step += 1
-        after_step = getattr(self.task, "after_step", None)  # e.g. a curriculum: its metrics, a line when it moves
-        task_metrics, note = after_step(ro.problems, ro.components) if after_step else ({}, None)
+        # e.g. a curriculum: its metrics of the step, and a line when it moves
+        task_metrics, note = self.task.observe(ro.problems, ro.components) if hasattr(self.task, "observe") else ({}, None)
         m = {"step": self.step, **rollout_metrics(ro, keep, zero_std), **trained, "lr": self.lr_at(self.step - 1),
              "step_time_s": time.perf_counter() - t0,
              "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
@@ -476,16 +471,6 @@ class GRPOTrainer:
 
     # ---- cold start ----------------------------------------------------------------------
 
-    def nll_update(self, optimizer: torch.optim.Optimizer, micro_batches: list[MicroBatch], num_tokens: int) -> dict[str, Any]:
-        """One supervised step: the mean negative log-likelihood (`nll`) of all ranks' completion tokens."""
-        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
-            loss, nll = nll_loss(hidden, self.model.lm_head.weight, mb.targets, mb.mask, self.cfg.temperature)
-            share = mb.num_tokens / num_tokens  # token means of the micro-batches -> the step's token mean
-            return loss * share, {"loss": loss.detach() * share, "nll": nll / num_tokens}
-        # Cold-start steps draw their rounding noise apart from the GRPO steps'.
-        return self._optimizer_step(optimizer, self.cfg.cold_start_lr, micro_batches, ("loss", "nll"), loss_fn,
-                                    noise_key=-1 - self.cold_start_done)
-
     def cold_start(self) -> None:
         """--cold-start-steps supervised steps on the task's demonstrations: `task.demonstrations(rng, n)` gives n
         training problems, each with completions in the expected form, trained as one group (the prompt fed
@@ -506,7 +491,14 @@ class GRPOTrainer:
                     ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
                     samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
             micro_batches, num_samples, num_tokens = self.pack(samples)
-            upd = self.nll_update(optimizer, micro_batches, num_tokens)
+
+            def loss_fn(mb: MicroBatch, hidden: torch.Tensor, num_tokens: int = num_tokens):
+                loss, nll = nll_loss(hidden, self.model.lm_head.weight, mb.targets, mb.mask, cfg.temperature)
+                share = mb.num_tokens / num_tokens  # token means of the micro-batches -> the step's token mean
+                return loss * share, {"loss": loss.detach() * share, "nll": nll / num_tokens}
+            # Cold-start steps draw their rounding noise apart from the GRPO steps'.
+            upd = self._optimizer_step(optimizer, cfg.cold_start_lr, micro_batches, ("loss", "nll"), loss_fn,
+                                       noise_key=-1 - self.cold_start_done)
             self.cold_start_done += 1
             m = {"cold_start_step": self.cold_start_done, "nll": upd["nll"], "grad_norm": upd["grad_norm"],
                  "skipped_update": upd["skipped_update"], "demonstrations": num_samples, "tokens": num_tokens,
@@ -547,7 +539,8 @@ class GRPOTrainer:
         return result
 
     def run_evals(self) -> list[dict[str, Any]]:
-        results = [self.evaluate(problems, label) for label, problems in eval_sets(self.task)]
+        sets = self.task.eval_sets() if hasattr(self.task, "eval_sets") else [("target", self.task.eval_problems())]
+        results = [self.evaluate(problems, label) for label, problems in sets]
         for r in results:
             where = "the cold start" if r.get("after_cold_start") else f"step {r['step']}"
             self.dist.print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "

@@ -45,18 +45,13 @@ class Task(Protocol):
     # (a RewardTask with user rewards) is scored by it in worker processes with --reward-timeout per call;
     # other tasks are scored in-process by `score`. `demonstrations(rng, n) -> [(problem, [completion, ...])]`:
     # n training problems with completions in the expected form, for --cold-start-steps (see FunctionPickTask).
-    # `state_dict()`/`load_state_dict()` (JSON-serialisable), `eval_sets()` (see `eval_sets` below),
-    # `after_step(problems, components)` (every group a step drew, [P][G] components; returns the step's
-    # metrics of the task and a line for the console, or None) and `title`: see MultiplyTask (curriculum).
+    # `state_dict()`/`load_state_dict()` (JSON-serialisable), `eval_sets()` ([(label, problems)], default
+    # [("target", eval_problems())]), `observe(problems, components)` (every group a step drew; returns the
+    # task's metrics of the step and a line for the console, or None) and `title`: see MultiplyTask (curriculum).
 
 
 CORRECT, FORMAT = "correct", "format"
 """The components the trainer reports as `accuracy` and `format_rate` (0 for a task without them)."""
-
-
-def eval_sets(task: Task) -> list[tuple[str, list[Problem]]]:
-    """The labelled held-out sets evaluated together: the task's own (`eval_sets()`), or its one "target" set."""
-    return task.eval_sets() if hasattr(task, "eval_sets") else [("target", task.eval_problems())]
 
 
 def summarize(components: list[dict[str, float]]) -> dict[str, Any]:

@@ -217,36 +217,29 @@ class MultiplyTask:
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return multiply_reward(completion, int(problem.answer))
 
-    def observe(self, problems: list[Problem], correct: list[list[float]]) -> str | None:
-        """Feed one step's training groups (every group drawn, with each completion's correctness); returns
-        "up" or "down" when the curriculum moved, else None."""
+    def observe(self, problems: list[Problem], components: list[list[dict[str, float]]]) -> tuple[dict[str, Any], str | None]:
+        """The trainer's hook after each step's rollout, fed every group it drew ([P][G] reward components): the
+        curriculum's move. Returns the step's metrics (the level it trained at, whether it moved up or down) and,
+        when it moved, a line that says so."""
         level, probe_level = self.current_digits, self.levels[min(self.level + 1, len(self.levels) - 1)]
-        solved_here = False
-        for problem, row in zip(problems, correct):
+        solved_here, moved = False, None
+        for problem, row in zip(problems, components):
+            right = [c.get(CORRECT, 0.0) for c in row]
             digits = (len(str(problem.meta["a"])), len(str(problem.meta["b"])))
             if digits == level:
-                self._recent.extend(row)
-                solved_here |= any(row)
+                self._recent.extend(right)
+                solved_here |= any(right)
             elif digits == probe_level:
-                self._probes.append(any(row))
+                self._probes.append(any(right))
         self._dry_steps = 0 if solved_here else self._dry_steps + 1
         if self.level > 0 and self.demote_after and self._dry_steps >= self.demote_after:
-            self._move(-1)
-            return "down"
-        if len(self._probes) == self._probes.maxlen and sum(self._probes) >= self.probe_groups / 4:
-            self._move(+1)
-            return "up"
-        return None
-
-    def after_step(self, problems: list[Problem], components: list[list[dict[str, float]]]) -> tuple[dict[str, Any], str | None]:
-        """The trainer's hook after each step's rollout: `observe` every group drawn; returns the step's curriculum
-        metrics (the level it trained at, whether it moved) and, when it moved, a line saying so."""
-        level = list(self.current_digits)
-        moved = self.observe(problems, [[c.get(CORRECT, 0.0) for c in row] for row in components])
-        metrics = {"level": level, "promoted": moved == "up", "demoted": moved == "down"}
+            moved, why = "down", f"no right answer in {self.demote_after} steps"
+        elif len(self._probes) == self._probes.maxlen and sum(self._probes) >= self.probe_groups / 4:
+            moved, why = "up", "probes of it held right answers"
+        metrics = {"level": list(level), "promoted": moved == "up", "demoted": moved == "down"}
         if moved is None:
             return metrics, None
-        why = "probes of it held right answers" if moved == "up" else f"no right answer in {self.demote_after} steps"
+        self._move(+1 if moved == "up" else -1)
         a, b = self.current_digits
         return metrics, f"curriculum: moving {'up' if moved == 'up' else 'back down'} to {a} x {b} digits ({why})"
 
