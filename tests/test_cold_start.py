@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rlvr_fast
-from rlvr_fast.kernels import fused_linear_grpo_loss
+from rlvr_fast.grpo.trainer import nll_loss
 from rlvr_fast.kernels.reference import linear_token_logprobs_ref
 from rlvr_fast.tasks import Problem, register_task
 from rlvr_fast.train import main
@@ -41,9 +41,12 @@ def records(path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_the_supervised_loss_is_the_mean_nll(backend):
-    """update(supervised=True) calls the GRPO loss with every advantage 1, no KL, no old log-probs and token
-    means (bnpo): the ratio is 1, inside the clip, so its gradient is the demonstrations' mean NLL's."""
+def test_nll_loss_is_the_mean_nll(backend, monkeypatch):
+    """nll_loss (the cold start's loss) has the gradient of the masked tokens' mean NLL under the temperature,
+    and returns their summed NLL, with either kernel backend."""
+    from rlvr_fast.grpo import trainer as trainer_mod
+    real = trainer_mod.fused_linear_grpo_loss
+    monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", lambda *a, **kw: real(*a, **kw, backend=backend))
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 3, 5, 16, 37
     h, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) / 4
@@ -51,8 +54,7 @@ def test_the_supervised_loss_is_the_mean_nll(backend):
     mask = torch.ones(B, T)
     mask[0, 3:], mask[2, 1:] = 0, 0
     hk, wk = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, _ = fused_linear_grpo_loss(hk, wk, y, None, None, torch.ones(B), mask, beta=0.0, loss_type="bnpo",
-                                     temperature=0.8, backend=backend)
+    loss, nll_sum = nll_loss(hk, wk, y, mask, temperature=0.8)
     loss.backward()
     hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
     lp = linear_token_logprobs_ref(hr.view(-1, H), wr, y.view(-1), temperature=0.8).view(B, T)
@@ -60,6 +62,7 @@ def test_the_supervised_loss_is_the_mean_nll(backend):
     nll.backward()
     torch.testing.assert_close(hk.grad, hr.grad.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(wk.grad, wr.grad.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(nll_sum / mask.sum(), nll.detach().float(), atol=1e-5, rtol=1e-5)
 
 
 def test_cold_start_learns_the_demonstrations_and_becomes_the_reference(tiny, tmp_path):
@@ -149,9 +152,9 @@ def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkey
     n_cold = len(seen) - sum(1 for kw in seen if kw["loss_type"] == "dapo")
     cold, grpo = seen[:n_cold], seen[n_cold:]
     assert cold and grpo
-    for kw in cold:
-        assert (kw["loss_type"], kw["beta"], kw["ratio_level"], kw["delta"], kw["tis_cap"], kw["entropy_coef"]) == \
-            ("bnpo", 0.0, "token", None, None, 0.0)
+    for kw in cold:  # the NLL setting and nothing of the GRPO variant
+        assert {k: v for k, v in kw.items() if k not in ("old", "ref", "adv")} == \
+            {"beta": 0.0, "loss_type": "bnpo", "temperature": 0.8, "return_logprobs": True}
         assert kw["old"] is None and kw["ref"] is None and bool((kw["adv"] == 1).all())
     assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
 

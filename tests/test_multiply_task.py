@@ -69,8 +69,11 @@ def test_training_never_draws_held_out_problems(digits, eval_size, expected):
 
 
 def groups(task, problems, solved):
-    """Each problem's group of 2 completions: one right if solved(problem) else none."""
-    return task.observe(problems, [[float(solved(p)), 0.0] for p in problems])
+    """Each problem's group of 2 completions: one right if solved(problem) else none. "up", "down" or None."""
+    metrics, note = task.observe(problems, [[{"correct": float(solved(p))}, {"correct": 0.0}] for p in problems])
+    moved = "up" if metrics["promoted"] else "down" if metrics["demoted"] else None
+    assert (note is None) == (moved is None) and (moved is None or f"to {task.current_digits[0]} x" in note)
+    return moved
 
 
 def sizes(problems):

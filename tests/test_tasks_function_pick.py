@@ -114,6 +114,17 @@ def test_generator_is_deterministic_balanced_and_holds_out_its_eval_set():
     assert not held & {(p.messages[0]["content"], p.messages[1]["content"]) for p in task.sample(random.Random(1), 2000)}
 
 
+def test_generator_is_the_same_in_every_process():
+    """The draws do not depend on a process's string hashing (PYTHONHASHSEED), e.g. a run and its resume."""
+    import subprocess
+    import sys
+    code = ("import random; from rlvr_fast.tasks.function_pick import FunctionPickTask; "
+            "print([p.messages for p in FunctionPickTask(eval_size=4).sample(random.Random(0), 64)])")
+    out = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert out[0] == out[1] and len(out[0]) > 1000
+
+
 def test_unrelated_requests_are_not_about_the_functions_shown():
     rng = random.Random(11)
     for _ in range(200):

@@ -48,8 +48,7 @@ from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
-from rlvr_fast.rollout.model_runner import kv_bytes_per_block
-from rlvr_fast.tasks.base import Problem, total_reward
+from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize, total_reward
 from rlvr_fast.tasks.pool import RewardPool
 
 log = logging.getLogger("rlvr_fast")
@@ -83,6 +82,33 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
                    sum(r.reward_timeouts for r in parts), sum(r.seconds for r in parts))
 
 
+def rollout_metrics(ro: Rollout, keep: list[int], zero_std: torch.Tensor) -> dict[str, Any]:
+    """A step's metrics that its rollout gives: rewards and their components, the groups drawn, kept and skipped
+    (dynamic sampling), completion lengths, and the sampler's own entropy estimate."""
+    outcome = summarize([c for row in ro.components for c in row])
+    skipped = [i for i in range(len(zero_std)) if zero_std[i]]
+    all_right = sum(all(c.get(CORRECT, 0.0) for c in ro.components[i]) for i in skipped)
+    completions = [c for group in ro.completions for c in group]
+    lengths = [len(c.token_ids) for c in completions]
+    sampled_lp = [lp for c in completions for lp in c.logprobs]
+    return {
+        "reward_mean": float(ro.rewards.mean()),
+        "reward_std": float(ro.rewards.std()) if ro.rewards.numel() > 1 else 0.0,
+        **{f"reward_{k}": v for k, v in outcome["components"].items()},
+        "accuracy": outcome["accuracy"], "format_rate": outcome["format_rate"],
+        "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts,
+        "zero_std_groups": int(zero_std.sum()),
+        # dynamic sampling: groups drawn, trained, and skipped because every completion scored the same
+        "groups_drawn": len(zero_std), "groups_kept": len(keep),
+        "skipped_all_right": all_right, "skipped_all_wrong": len(skipped) - all_right,
+        "signal_frac": 1 - len(skipped) / len(zero_std),
+        "completion_len_mean": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
+        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(lengths),
+        "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
+        "rollout_tokens_per_s": sum(lengths) / max(ro.seconds, 1e-9), "time_rollout_s": ro.seconds,
+    }
+
+
 def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     if not cfg.cold_start_steps:
         return
@@ -98,6 +124,18 @@ def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     if longest > cfg.max_new_tokens:
         raise ValueError(f"--cold-start-steps: the task's demonstrations take up to {longest} tokens, more than "
                          f"--max-new-tokens {cfg.max_new_tokens}: raise --max-new-tokens to at least {longest + 8}")
+
+
+def nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+             temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cold start's loss: (a loss whose gradient is that of the masked tokens' mean negative log-likelihood
+    under softmax(hidden @ weight.T / temperature), the NLL summed over those tokens, no grad). hidden [B, T, H],
+    targets and mask [B, T]. It is the fused GRPO loss with every advantage 1, no KL, no old log-probs and a
+    token mean: each ratio exp(logp - logp.detach()) is exactly 1, inside the clip, so the [tokens, vocab]
+    logits never exist here either; its value is -1, not the NLL, which comes from the same pass's log-probs."""
+    loss, _, logp = fused_linear_grpo_loss(hidden, weight, targets, None, None, mask.new_ones(mask.shape[0]), mask,
+                                           beta=0.0, loss_type="bnpo", temperature=temperature, return_logprobs=True)
+    return loss, -(logp * mask).sum()
 
 
 class GRPOTrainer:
@@ -119,16 +157,15 @@ class GRPOTrainer:
         # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
                                               use_cuda_graphs=not self.dist.fsdp)
-        self.memory_estimate = estimate_memory(
-            model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint, micro_batch_tokens=cfg.micro_batch_tokens,
-            kv_cache_bytes=self.engine.num_blocks * kv_bytes_per_block(model, self.engine.block_size))
+        self.memory_estimate = estimate_memory(model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint,
+                                               micro_batch_tokens=cfg.micro_batch_tokens,
+                                               kv_cache_bytes=self.engine.kv_cache_bytes)
         self.dist.print(self.memory_estimate.table())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
         self.optimizer = self._adamw(cfg.lr)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
         self.step = 0
         self.cold_start_done = 0  # cold-start steps taken
-        self.cold_start_optimizer = None
         check_cold_start(cfg, task, tokenizer)
         self.bad_steps = 0
         self.reward_error_shown = False
@@ -161,18 +198,13 @@ class GRPOTrainer:
     # ---- schedule -------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * self._lr_factor(step)
-
-    def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
         if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+            return cfg.lr * ((step + 1) / (cfg.warmup_steps + 1))
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
+            return cfg.lr * (0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return cfg.lr * (max(0.0, 1 - progress) if cfg.schedule == "linear" else 1.0)
 
     # ---- rollout and rewards -------------------------------------------------------------
 
@@ -265,75 +297,34 @@ class GRPOTrainer:
         num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))
         return micro_batches, num_samples, num_tokens
 
-    def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
-               rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int,
-               measure_gap: bool = True, supervised: bool = False) -> dict[str, float]:
-        """One optimizer step over the micro-batches. supervised: a cold-start step. Its advantages are all 1,
-        with no KL, no old log-probs and a token-mean loss of token ratios, so every ratio is 1 (inside the clip)
-        and the gradient is exactly that of the completion tokens' mean negative log-likelihood (`nll`) under
-        the sampling temperature, the policy GRPO samples from."""
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, micro_batches: list[MicroBatch],
+                        sum_names: tuple[str, ...], loss_fn, noise_key: int) -> dict[str, Any]:
+        """One optimizer step. loss_fn(mb, hidden): the micro-batch's loss, weighted so the accumulated gradient is
+        the full batch's, and its 0-dim parts of the step's `sum_names` (summed over ranks, read once at the end:
+        no host sync per micro-batch). A non-finite loss or gradient skips the step, counted in bad_steps."""
         cfg = self.cfg
-        loss_type = "bnpo" if supervised else cfg.loss_type
-        beta, tis_cap = (0.0, None) if supervised else (cfg.beta, cfg.tis_cap)
-        entropy_coef = 0.0 if supervised else cfg.entropy_coef
-        ratio_level, delta = ("token", None) if supervised else (cfg.ratio_level, cfg.delta)
-        optimizer = self.cold_start_optimizer if supervised else self.optimizer
         self.model.train()
         for group in optimizer.param_groups:
-            group["lr"] = cfg.cold_start_lr if supervised else self.lr_at(self.step)
+            group["lr"] = lr
         self.master.zero_grad()
-        # 0-dim tensors, read once after the loop: no host sync per micro-batch.
-        # The loss's statistics keep the kernels' names (loss_options.py).
-        sums = {k: torch.zeros((), device=self.device) for k in ("loss", *ALL_STAT_NAMES, "rollout_gap", "nll")}
+        sums = {k: torch.zeros((), device=self.device) for k in sum_names}
         for mb in micro_batches:
-            rows = torch.tensor([s.index for s in mb.samples], device=self.device)
-            t = mb.targets.shape[1]
-            pick = lambda lp: None if lp is None else lp[rows, :t].contiguous()
-            hidden = self._hidden(self.model, mb)
-            loss, stats, *logp = fused_linear_grpo_loss(
-                hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
-                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=beta,
-                loss_type=loss_type, max_completion_len=cfg.max_new_tokens,
-                num_tokens=num_tokens if loss_type == "dapo" else None, ratio_level=ratio_level,
-                delta=delta, rollout_logprobs=pick(rollout_lp) if tis_cap is not None else None,
-                tis_cap=tis_cap, entropy_coef=entropy_coef, return_logprobs=measure_gap or supervised,
-                return_entropy=measure_gap and not supervised)
-            # Weight each micro-batch so the accumulated gradient equals the full batch's:
-            # per-completion means (grpo, dr_grpo) by completions, token sums (bnpo) by tokens;
-            # dapo's loss is already divided by the step's token count.
-            share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(loss_type, len(mb.samples) / num_samples)
-            (loss * share).backward()
-            token_share = mb.num_tokens / num_tokens
-            sums["loss"] += loss.detach() * share
-            for stat in ALL_STAT_NAMES:
-                if stat in stats:
-                    sums[stat] += stats[stat] * token_share
-            # The sampler's log-probs against the trainer's for the same tokens and weights: how far
-            # rollout numerics (bf16, packed GEMMs, fused ops) are from training ones.
-            if supervised:
-                sums["nll"] -= (logp[0].detach() * mb.mask).sum() / num_tokens
-            if measure_gap:
-                gap = ((logp[0] - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens)
-                sums["rollout_gap"] += gap * token_share
+            loss, parts = loss_fn(mb, self._hidden(self.model, mb))
+            loss.backward()
+            for k, v in parts.items():
+                sums[k] += v
         self.dist.even_passes(self.model, len(micro_batches), train=True)
         t_opt = time.perf_counter()  # from here: gradient reduction, clipping and the optimizer step
         self.master.grads_to_master()
         self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
         sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
-        measured = {**dict.fromkeys(TIS_STAT_NAMES, tis_cap is not None),
-                    ENTROPY_STAT: measure_gap and not supervised or entropy_coef != 0,
-                    "rollout_gap": measure_gap, "nll": supervised, "kl": ref_lp is not None}  # --beta 0: no KL
-        for key, on in measured.items():
-            if not on:
-                sums[key] = None  # option off: no statistic (None, not a misleading 0)
         params = [p for p in self.master.master_params if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        grad_norm = full_tensor(grad_norm)  # FSDP: a DTensor
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(  # FSDP: a DTensor
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
         finite = math.isfinite(sums["loss"]) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
-            # Cold-start steps draw their rounding noise apart from the GRPO steps'.
-            self.master.master_to_model(self.step if not supervised else -1 - self.cold_start_done)
+            self.master.master_to_model(noise_key)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -345,6 +336,40 @@ class GRPOTrainer:
             torch.cuda.synchronize(self.device)
         return {**sums, "grad_norm": grad_norm, "skipped_update": not finite,
                 "time_optimizer_s": time.perf_counter() - t_opt}
+
+    def update(self, micro_batches: list[MicroBatch], ref_lp: torch.Tensor | None, old_lp: torch.Tensor | None,
+               rollout_lp: torch.Tensor | None, num_samples: int, num_tokens: int,
+               measure_gap: bool = True) -> dict[str, Any]:
+        """One GRPO optimizer step; measure_gap (the first pass over a rollout): also the sampler's log-probs
+        against the trainer's and the exact entropy, from the same loss pass."""
+        cfg = self.cfg
+
+        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
+            rows = torch.tensor([s.index for s in mb.samples], device=self.device)
+            pick = lambda lp: None if lp is None else lp[rows, :mb.targets.shape[1]].contiguous()
+            loss, stats, *logp = fused_linear_grpo_loss(
+                hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
+                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
+                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
+                num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
+                delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
+                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=measure_gap,
+                return_entropy=measure_gap)
+            # Per-completion means (grpo, dr_grpo) are weighted by completions, token sums (bnpo) by tokens;
+            # dapo's loss is already divided by the step's token count. Statistics are token means.
+            share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)
+            token_share = mb.num_tokens / num_tokens
+            parts = {"loss": loss.detach() * share, **{k: stats[k] * token_share for k in ALL_STAT_NAMES if k in stats}}
+            if measure_gap:  # how far rollout numerics (bf16, packed GEMMs, fused ops) are from training ones
+                parts["rollout_gap"] = ((logp[0] - pick(rollout_lp)).abs() * mb.mask).sum() / max(1, mb.num_tokens) * token_share
+            return loss * share, parts
+
+        out = self._optimizer_step(self.optimizer, self.lr_at(self.step), micro_batches,
+                                   ("loss", *ALL_STAT_NAMES, "rollout_gap"), loss_fn, noise_key=self.step)
+        measured = {**dict.fromkeys(TIS_STAT_NAMES, cfg.tis_cap is not None),
+                    ENTROPY_STAT: measure_gap or cfg.entropy_coef != 0, "rollout_gap": measure_gap,
+                    "kl": ref_lp is not None}  # --beta 0: no KL
+        return {k: None if not measured.get(k, True) else v for k, v in out.items()}  # off: None, not a misleading 0
 
     def draw_groups(self) -> tuple[Rollout, list[int]]:
         """Dynamic sampling (DAPO): rounds of P prompts with G completions each until P groups hold rewards that
@@ -370,26 +395,19 @@ class GRPOTrainer:
         keep = [i for i in range(len(zero_std)) if not zero_std[i]][:cfg.prompts_per_step]
         return ro, keep
 
-    def train_step(self) -> dict[str, Any]:
+    def train_on(self, ro: Rollout, keep: list[int], adv: torch.Tensor) -> dict[str, Any]:
+        """Reference and old log-probs, then --num-iterations updates on this rank's share of the kept groups;
+        the update's metrics (None where nothing trained: every group drawn had equal rewards)."""
         cfg = self.cfg
-        reset_peak_memory(self.device)
-        t0 = time.perf_counter()
-        self.dist.step = self.step
-        level = getattr(self.task, "current_digits", None)
-        ro, keep = self.draw_groups()
-        # Advantages over every group drawn (so one round is exactly plain GRPO), trained on the kept ones.
-        adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
-        mine = self.dist.local_slice(len(keep), exact=False)  # this rank's share of the kept groups
+        mine = self.dist.local_slice(len(keep), exact=False)
         samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i, rollout_logprobs=c.logprobs)
                    for i in keep[mine] for j, c in enumerate(ro.completions[i])]
         for k, s in enumerate(samples):
             s.index = k
         micro_batches, num_samples, num_tokens = self.pack(samples)
+        passes = [{**dict.fromkeys(("loss", *ALL_STAT_NAMES, "rollout_gap", "grad_norm")), "skipped_update": False,
+                   "time_optimizer_s": 0.0}]  # no group with signal: no update, no statistics (None, not 0)
         t_ref = t_policy = t_update = 0.0
-        # No group with signal: no update, and no update statistics (None, not a misleading 0).
-        upd = {"loss": None, **dict.fromkeys(ALL_STAT_NAMES), "grad_norm": None, "skipped_update": False}
-        rollout_gap = entropy = None
-        t_optimizer = 0.0
         if num_samples:
             t1 = time.perf_counter()
             ref_lp = self.reference_logprobs(micro_batches, len(samples))
@@ -401,66 +419,46 @@ class GRPOTrainer:
             t_policy = time.perf_counter() - t1 - t_ref
             t1 = time.perf_counter()
             rollout_lp = self.rollout_logprobs(samples, micro_batches)
-            for i in range(cfg.num_iterations):
-                # The gap is that of the policy the rollout sampled from: measured in the first pass only.
-                upd = self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
-                t_optimizer += upd["time_optimizer_s"]
-                if i == 0:  # the policy the rollout sampled from; its exact entropy comes from the same loss pass
-                    rollout_gap, entropy = upd["rollout_gap"], upd[ENTROPY_STAT]
+            passes = [self.update(micro_batches, ref_lp, old_lp, rollout_lp, num_samples, num_tokens, measure_gap=i == 0)
+                      for i in range(cfg.num_iterations)]
             t_update = time.perf_counter() - t1
-        self.step += 1
-
-        correct_groups = [[c.get("correct", 0.0) for c in row] for row in ro.components]
-        correct = [x for row in correct_groups for x in row]
-        moved = self.task.observe(ro.problems, correct_groups) if hasattr(self.task, "observe") else None
-        skipped = [i for i in range(len(zero_std)) if zero_std[i]]
-        all_right = sum(all(correct_groups[i]) for i in skipped)
-        lengths = [len(c.token_ids) for group in ro.completions for c in group]
-        gen_tokens = sum(lengths)
-        sampled_lp = [lp for group in ro.completions for c in group for lp in c.logprobs]
-        train_tokens = num_tokens * cfg.num_iterations  # completion tokens
-        names = sorted({k for row in ro.components for c in row for k in c})
-        m = {
-            "step": self.step,
-            "reward_mean": float(ro.rewards.mean()),
-            "reward_std": float(ro.rewards.std()) if ro.rewards.numel() > 1 else 0.0,
-            **{f"reward_{k}": sum(c.get(k, 0.0) for row in ro.components for c in row) / ro.rewards.numel() for k in names},
-            "accuracy": sum(correct) / len(correct),
-            "format_rate": sum(c.get("format", 0.0) for row in ro.components for c in row) / ro.rewards.numel(),
-            "reward_errors": ro.reward_errors,
-            "reward_timeouts": ro.reward_timeouts,
-            "zero_std_groups": int(zero_std.sum()),
-            # dynamic sampling: groups drawn, trained, and skipped because every completion scored the same
-            "groups_drawn": len(zero_std), "groups_kept": len(keep),
-            "skipped_all_right": all_right, "skipped_all_wrong": len(skipped) - all_right,
-            "signal_frac": 1 - len(skipped) / len(zero_std),
-            "completion_len_mean": gen_tokens / len(lengths),
-            "completion_len_max": max(lengths),
-            "truncated_frac": sum(c.finish_reason == "length" for g in ro.completions for c in g) / len(lengths),
-            "kl": upd["kl"], "loss": upd["loss"], "ratio_mean": upd["ratio"],
-            "clip_low_frac": upd["clip_low_frac"], "clip_high_frac": upd["clip_high_frac"],
-            # exact mean token entropy of the trained completions under the rollout policy (None: no update)
-            "entropy": entropy,
-            "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
-            "entropy_train": upd[ENTROPY_STAT],  # the same, from the last of --num-iterations loss passes
-            "rollout_logprob_gap": rollout_gap,
-            **{k: upd[k] for k in TIS_STAT_NAMES},  # tis_weight_mean, tis_capped_frac
-            "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
-            "lr": self.lr_at(self.step - 1),
-            "rollout_tokens_per_s": gen_tokens / max(ro.seconds, 1e-9),
-            "train_tokens_per_s": train_tokens / max(t_update, 1e-9) if num_samples else 0.0,
-            "time_rollout_s": ro.seconds, "time_reference_s": t_ref, "time_update_s": t_update,
-            "time_old_logprobs_s": t_policy, "time_optimizer_s": t_optimizer,  # the latter: part of time_update_s
-            "step_time_s": time.perf_counter() - t0,
-            "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
-            "peak_memory_scope": peak_memory_scope(self.device),
+        first, last = passes[0], passes[-1]
+        return {
+            "kl": last["kl"], "loss": last["loss"], "ratio_mean": last["ratio"],
+            "clip_low_frac": last["clip_low_frac"], "clip_high_frac": last["clip_high_frac"],
+            # the rollout policy's (the first pass): its exact mean token entropy and the sampler/trainer gap
+            "entropy": first[ENTROPY_STAT], "rollout_logprob_gap": first["rollout_gap"],
+            "entropy_train": last[ENTROPY_STAT],  # the same, from the last of --num-iterations loss passes
+            **{k: last[k] for k in TIS_STAT_NAMES},  # tis_weight_mean, tis_capped_frac
+            "grad_norm": last["grad_norm"], "skipped_update": last["skipped_update"],
+            "train_tokens_per_s": num_tokens * cfg.num_iterations / max(t_update, 1e-9) if num_samples else 0.0,
+            "time_reference_s": t_ref, "time_update_s": t_update,
+            "time_old_logprobs_s": t_policy,
+            "time_optimizer_s": sum(p["time_optimizer_s"] for p in passes),  # part of time_update_s
         }
-        if level is not None:
-            m["level"] = list(level)
-            m["promoted"], m["demoted"] = moved == "up", moved == "down"
+
+    def train_step(self) -> dict[str, Any]:
+        """rollout -> score -> advantages -> update -> log."""
+        cfg = self.cfg
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        self.dist.step = self.step
+        ro, keep = self.draw_groups()
+        # Advantages over every group drawn (so one round is exactly plain GRPO), trained on the kept ones.
+        adv, zero_std = group_advantages(ro.rewards, cfg.scale_rewards)
+        trained = self.train_on(ro, keep, adv)
+        self.step += 1
+        # e.g. a curriculum: its metrics of the step, and a line when it moves
+        task_metrics, note = self.task.observe(ro.problems, ro.components) if hasattr(self.task, "observe") else ({}, None)
+        m = {"step": self.step, **rollout_metrics(ro, keep, zero_std), **trained, "lr": self.lr_at(self.step - 1),
+             "step_time_s": time.perf_counter() - t0,
+             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
+             "peak_memory_scope": peak_memory_scope(self.device), **task_metrics}
         self.metrics.write(m)
         if self.reporters is not None:
             self.reporters.log(m, self.step, "train/")
+        if note:
+            self.dist.print(note)
         if self.bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
                                 "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
@@ -476,13 +474,13 @@ class GRPOTrainer:
     def cold_start(self) -> None:
         """--cold-start-steps supervised steps on the task's demonstrations: `task.demonstrations(rng, n)` gives n
         training problems, each with completions in the expected form, trained as one group (the prompt fed
-        once) with the loss of `update(supervised=True)` and an AdamW of their own, discarded after, so GRPO's
-        optimizer starts fresh. The KL reference then becomes the model as it is now; a copy goes to
-        OUTPUT/cold-start, where a resumed run reads its reference."""
+        once) with `nll_loss` and an AdamW of their own, discarded after, so GRPO's optimizer starts fresh.
+        The KL reference then becomes the model as it is now; a copy goes to OUTPUT/cold-start, where a
+        resumed run reads its reference."""
         cfg = self.cfg
         eos = self.tokenizer.eos_token_id  # check_cold_start refused a tokenizer without one
         rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
-        self.cold_start_optimizer = self._adamw(cfg.cold_start_lr)
+        optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:
             t0 = time.perf_counter()
             demos = self.task.demonstrations(rng, cfg.prompts_per_step)  # the same on every rank
@@ -493,8 +491,14 @@ class GRPOTrainer:
                     ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
                     samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
             micro_batches, num_samples, num_tokens = self.pack(samples)
-            upd = self.update(micro_batches, None, None, None, num_samples, num_tokens, measure_gap=False,
-                              supervised=True)
+
+            def loss_fn(mb: MicroBatch, hidden: torch.Tensor, num_tokens: int = num_tokens):
+                loss, nll = nll_loss(hidden, self.model.lm_head.weight, mb.targets, mb.mask, cfg.temperature)
+                share = mb.num_tokens / num_tokens  # token means of the micro-batches -> the step's token mean
+                return loss * share, {"loss": loss.detach() * share, "nll": nll / num_tokens}
+            # Cold-start steps draw their rounding noise apart from the GRPO steps'.
+            upd = self._optimizer_step(optimizer, cfg.cold_start_lr, micro_batches, ("loss", "nll"), loss_fn,
+                                       noise_key=-1 - self.cold_start_done)
             self.cold_start_done += 1
             m = {"cold_start_step": self.cold_start_done, "nll": upd["nll"], "grad_norm": upd["grad_norm"],
                  "skipped_update": upd["skipped_update"], "demonstrations": num_samples, "tokens": num_tokens,
@@ -505,7 +509,6 @@ class GRPOTrainer:
             if self.bad_steps >= cfg.max_bad_steps:
                 raise TrainingError(f"{self.bad_steps} consecutive cold-start updates had NaN/Inf loss or gradients; "
                                     "try a lower --cold-start-lr or --dtype float32.")
-        self.cold_start_optimizer = None
         if self.ref_model is not None:
             with torch.no_grad():  # same structure (a deep copy), same sharding: copy parameter by parameter
                 for ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
@@ -519,19 +522,14 @@ class GRPOTrainer:
         mine = self.dist.local_slice(len(problems), exact=False)
         ro = gather_rollout(self.dist, self.rollout(problems[mine], params, 1, first_prompt_index=mine.start))
         comps = [row[0] for row in ro.components]
-        result = {"step": self.step, "set": label, "size": len(problems),
-                  "accuracy": sum(c.get("correct", 0.0) for c in comps) / len(comps),
-                  "format_rate": sum(c.get("format", 0.0) for c in comps) / len(comps),
-                  "reward_mean": float(ro.rewards.mean()),
-                  # every component's mean, e.g. function-pick's confusion cells
-                  "components": {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in sorted({k for c in comps for k in c})},
+        outcome = summarize(comps)
+        result = {"step": self.step, "set": label, "size": len(problems), "accuracy": outcome["accuracy"],
+                  "format_rate": outcome["format_rate"], "reward_mean": float(ro.rewards.mean()),
+                  "components": outcome["components"],  # every component's mean, e.g. function-pick's confusion cells
                   "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts}
-        by_kind: dict[str, list[float]] = {}  # problems that say what kind they are (function-pick's requests)
-        for problem, c in zip(ro.problems, comps):
-            if "kind" in problem.meta:
-                by_kind.setdefault(str(problem.meta["kind"]), []).append(c.get("correct", 0.0))
+        by_kind = accuracy_by_kind(ro.problems, comps)
         if by_kind:
-            result["by_kind"] = {k: {"size": len(v), "accuracy": sum(v) / len(v)} for k, v in by_kind.items()}
+            result["by_kind"] = by_kind
         if self.step == 0 and self.cold_start_done:
             result["after_cold_start"] = True
         self.evals.write(result)
@@ -540,20 +538,14 @@ class GRPOTrainer:
             self.reporters.log({**result, **result["components"]}, self.step, f"eval/{label}/{stage}")
         return result
 
-    def eval_sets(self) -> list[tuple[str, list[Problem]]]:
-        sets = [("target", self.task.eval_problems())]
-        level = getattr(self.task, "current_digits", None)
-        if level is not None and tuple(level) != tuple(self.task.digits):
-            sets.append(("level", self.task.eval_problems(level)))
-        return sets
-
     def run_evals(self) -> list[dict[str, Any]]:
-        results = [self.evaluate(problems, label) for label, problems in self.eval_sets()]
+        sets = self.task.eval_sets() if hasattr(self.task, "eval_sets") else [("target", self.task.eval_problems())]
+        results = [self.evaluate(problems, label) for label, problems in sets]
         for r in results:
             where = "the cold start" if r.get("after_cold_start") else f"step {r['step']}"
             self.dist.print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
                             f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
-            others = {k: v for k, v in r["components"].items() if k not in ("correct", "format")}
+            others = {k: v for k, v in r["components"].items() if k not in (CORRECT, FORMAT)}
             if others:
                 self.dist.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
             if "by_kind" in r:
@@ -566,11 +558,10 @@ class GRPOTrainer:
 
     def plot_title(self) -> str:
         cfg = self.cfg
-        size = f" {cfg.digits[0]} x {cfg.digits[1]} digits" if cfg.task == "multiply" else ""
         model = Path(cfg.model).name if cfg.model else "SmolLM2-135M-Instruct"
         cold = f", {cfg.cold_start_steps} cold-start steps" if cfg.cold_start_steps else ""
-        return (f"GRPO: {cfg.task}{size}, {model}{cold}\n{cfg.prompts_per_step} prompts x {cfg.group_size} completions "
-                f"per step, lr {cfg.lr:g}, temperature {cfg.temperature:g}")
+        return (f"GRPO: {getattr(self.task, 'title', cfg.task)}, {model}{cold}\n{cfg.prompts_per_step} prompts x "
+                f"{cfg.group_size} completions per step, lr {cfg.lr:g}, temperature {cfg.temperature:g}")
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -629,12 +620,6 @@ class GRPOTrainer:
                 done = self.step - first_step
                 eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
                 self.dist.print(progress_line(m, cfg.steps, eta))
-                if m.get("promoted") or m.get("demoted"):
-                    a, b = self.task.current_digits
-                    why = ("probes of it held right answers" if m["promoted"] else
-                           f"no right answer in {cfg.demote_after} steps")
-                    self.dist.print(f"curriculum: moving {'up' if m['promoted'] else 'back down'} to {a} x {b} digits "
-                                    f"({why})")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:

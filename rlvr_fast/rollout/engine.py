@@ -103,6 +103,11 @@ class RolloutEngine:
             self._num_blocks = self._default_num_blocks()
         return self._num_blocks
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the KV cache pool, allocated at the first generate() and held after it."""
+        return self.num_blocks * kv_bytes_per_block(self.model, self.block_size)
+
     def _default_num_blocks(self) -> int:
         per_block = kv_bytes_per_block(self.model, self.block_size)
         device = self.model.device

@@ -43,10 +43,32 @@ class Task(Protocol):
 
     # Optional: `scorer`, a picklable callable (problem, completion) -> components. A task that has one
     # (a RewardTask with user rewards) is scored by it in worker processes with --reward-timeout per call;
-    # other tasks are scored in-process by `score`. `observe(problems, correct)` (every group a step drew, with
-    # each completion's correctness), `state_dict()`/`load_state_dict()` (JSON-serialisable):
-    # see MultiplyTask (curriculum). `demonstrations(rng, n) -> [(problem, [completion, ...])]`: n training
-    # problems with completions in the expected form, for --cold-start-steps (see FunctionPickTask).
+    # other tasks are scored in-process by `score`. `demonstrations(rng, n) -> [(problem, [completion, ...])]`:
+    # n training problems with completions in the expected form, for --cold-start-steps (see FunctionPickTask).
+    # `state_dict()`/`load_state_dict()` (JSON-serialisable), `eval_sets()` ([(label, problems)], default
+    # [("target", eval_problems())]), `observe(problems, components)` (every group a step drew; returns the
+    # task's metrics of the step and a line for the console, or None) and `title`: see MultiplyTask (curriculum).
+
+
+CORRECT, FORMAT = "correct", "format"
+"""The components the trainer reports as `accuracy` and `format_rate` (0 for a task without them)."""
+
+
+def summarize(components: list[dict[str, float]]) -> dict[str, Any]:
+    """Means over completions (a component a completion lacks counts 0): `accuracy` (of CORRECT), `format_rate`
+    (of FORMAT) and every component's, by name."""
+    mean = lambda name: sum(c.get(name, 0.0) for c in components) / len(components)
+    return {"accuracy": mean(CORRECT), "format_rate": mean(FORMAT),
+            "components": {k: mean(k) for k in sorted({k for c in components for k in c})}}
+
+
+def accuracy_by_kind(problems: list[Problem], components: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Size and accuracy per `Problem.meta["kind"]` (e.g. function-pick's requests), over the problems that have one."""
+    by_kind: dict[str, list[float]] = {}
+    for problem, c in zip(problems, components):
+        if "kind" in problem.meta:
+            by_kind.setdefault(str(problem.meta["kind"]), []).append(c.get(CORRECT, 0.0))
+    return {k: {"size": len(v), "accuracy": sum(v) / len(v)} for k, v in by_kind.items()}
 
 
 def total_reward(components: dict[str, float], weights: dict[str, float]) -> float:

@@ -115,7 +115,9 @@ KINDS = ("call", "missing", "call", "unrelated")
 
 
 def _fill(template: str, rng: random.Random) -> str:
-    names = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    # In the template's order, not a set's: set order changes with each process's string hashing (PYTHONHASHSEED),
+    # and with it the draws, so a run and its resume would see different problems.
+    names = dict.fromkeys(field for _, field, _, _ in string.Formatter().parse(template) if field)
     return template.format(**{name: rng.choice(SLOTS[name]) for name in names})
 
 

@@ -17,8 +17,9 @@ import random
 import re
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from rlvr_fast.tasks.base import Problem
+from rlvr_fast.tasks.base import CORRECT, Problem
 
 PROMPT = ("Please answer the following question. You may write out your argument before stating your final "
           "answer X in a new line, following the format \"Final Answer: the final answer is X. I hope it is "
@@ -170,6 +171,17 @@ class MultiplyTask:
     def eval_problems(self, digits: tuple[int, int] | None = None) -> list[Problem]:
         return [self.make_problem(a, b) for a, b in self._eval_pairs(tuple(digits or self.digits))]
 
+    def eval_sets(self) -> list[tuple[str, list[Problem]]]:
+        """The target size, and the curriculum's current level while it is below the target."""
+        sets = [("target", self.eval_problems())]
+        if self.current_digits != self.digits:
+            sets.append(("level", self.eval_problems(self.current_digits)))
+        return sets
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} {self.digits[0]} x {self.digits[1]} digits"
+
     def _eval_pairs(self, digits: tuple[int, int]) -> list[tuple[int, int]]:
         """A fixed set of distinct problems of this size, from its own generator (never the training one)."""
         da, db = digits
@@ -205,26 +217,31 @@ class MultiplyTask:
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
         return multiply_reward(completion, int(problem.answer))
 
-    def observe(self, problems: list[Problem], correct: list[list[float]]) -> str | None:
-        """Feed one step's training groups (every group drawn, with each completion's correctness); returns
-        "up" or "down" when the curriculum moved, else None."""
+    def observe(self, problems: list[Problem], components: list[list[dict[str, float]]]) -> tuple[dict[str, Any], str | None]:
+        """The trainer's hook after each step's rollout, fed every group it drew ([P][G] reward components): the
+        curriculum's move. Returns the step's metrics (the level it trained at, whether it moved up or down) and,
+        when it moved, a line that says so."""
         level, probe_level = self.current_digits, self.levels[min(self.level + 1, len(self.levels) - 1)]
-        solved_here = False
-        for problem, row in zip(problems, correct):
+        solved_here, moved = False, None
+        for problem, row in zip(problems, components):
+            right = [c.get(CORRECT, 0.0) for c in row]
             digits = (len(str(problem.meta["a"])), len(str(problem.meta["b"])))
             if digits == level:
-                self._recent.extend(row)
-                solved_here |= any(row)
+                self._recent.extend(right)
+                solved_here |= any(right)
             elif digits == probe_level:
-                self._probes.append(any(row))
+                self._probes.append(any(right))
         self._dry_steps = 0 if solved_here else self._dry_steps + 1
         if self.level > 0 and self.demote_after and self._dry_steps >= self.demote_after:
-            self._move(-1)
-            return "down"
-        if len(self._probes) == self._probes.maxlen and sum(self._probes) >= self.probe_groups / 4:
-            self._move(+1)
-            return "up"
-        return None
+            moved, why = "down", f"no right answer in {self.demote_after} steps"
+        elif len(self._probes) == self._probes.maxlen and sum(self._probes) >= self.probe_groups / 4:
+            moved, why = "up", "probes of it held right answers"
+        metrics = {"level": list(level), "promoted": moved == "up", "demoted": moved == "down"}
+        if moved is None:
+            return metrics, None
+        self._move(+1 if moved == "up" else -1)
+        a, b = self.current_digits
+        return metrics, f"curriculum: moving {'up' if moved == 'up' else 'back down'} to {a} x {b} digits ({why})"
 
     def _move(self, by: int) -> None:
         self.level += by
