@@ -23,8 +23,8 @@ cancel against a large max the way lse - sum_j p_j z_j would. -inf logits have p
 nothing (never 0 * inf).
 
 Between the two passes a row keeps its state (m, log s): fp32 [N, 2], plus H when it has a
-gradient term. The PyTorch twin gets log p from log_softmax (the same formula inside) and its
-state from the row max, so a gradient from recomputed logits is as exact as the Triton one.
+gradient term. The PyTorch twin gets log p from log_softmax and the same state (the row max,
+and -log p there), so its gradients from recomputed logits are as exact as the Triton ones.
 
 Memory traffic per row of V elements of b bytes: statistics read it once (b V); the gradient
 reads it once and writes it once (2 b V), in place when the caller owns the row.
@@ -162,7 +162,7 @@ def row_stats_torch(z: torch.Tensor, targets: torch.Tensor, entropy: bool):
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(1, targets.unsqueeze(1)).squeeze(1)
     m, at_max = z.max(dim=-1, keepdim=True)
-    log_s = logp_all.gather(1, at_max).neg_()  # log p at the max is (m - m) - log s exactly
+    log_s = logp_all.gather(1, at_max).neg_()  # log p at the max is -log s
     state = torch.cat((m, log_s), dim=1)
     ent = None
     if entropy:  # -sum p log p; p = 0 at -inf logits, whose p * log p is NaN: count 0 instead
