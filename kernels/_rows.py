@@ -40,8 +40,9 @@ from ._common import row_config, tl, triton
 
 
 @triton.jit
-def row_stats(x_row, tgt, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """One read of the row x_row[0:V] -> (logp of target tgt, m, log s, H) of z = x / T; H only with ENTROPY."""
+def row_stats(x_row, tgt_ptr, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """One read of the row x_row[0:V] -> (logp of the target *tgt_ptr, m, log s, H) of z = x / T; H only with
+    ENTROPY. The target is read after the loop, so it holds no registers during it."""
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = 0.0
@@ -61,7 +62,7 @@ def row_stats(x_row, tgt, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr
         m = m_new
     m = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
-    logp = (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s
+    logp = (tl.load(x_row + tl.load(tgt_ptr)).to(tl.float32) * inv_t - m) - log_s
     ent = log_s  # a placeholder without ENTROPY (never read)
     if ENTROPY:
         ent = log_s - zs / s
@@ -99,7 +100,7 @@ def _rows_fwd_kernel(x_ptr, stride_a, stride_b, rows_b, tgt_ptr, logp_ptr, state
                      BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + _row_offset(row, rows_b, stride_a, stride_b)
-    logp, m, log_s, ent = row_stats(x_row, tl.load(tgt_ptr + row), V, inv_t, BLOCK_V, ENTROPY)
+    logp, m, log_s, ent = row_stats(x_row, tgt_ptr + row, V, inv_t, BLOCK_V, ENTROPY)
     tl.store(logp_ptr + row, logp)
     tl.store(state_ptr + 2 * row, m)
     tl.store(state_ptr + 2 * row + 1, log_s)
@@ -122,6 +123,11 @@ def _rows_bwd_kernel(x_ptr, stride_a, stride_b, rows_b, dx_ptr, dstride_a, dstri
              g, h, V, inv_t, BLOCK_V, ENTROPY)
 
 
+def _one_level(x3: torch.Tensor) -> torch.Tensor:
+    """[1, B, V] rows as [B, 1, V]: Triton specializes rows_b == 1, so the row offset needs no division."""
+    return x3[0].unsqueeze(1) if x3.shape[0] == 1 else x3
+
+
 def rows_fwd_triton(x3: torch.Tensor, targets: torch.Tensor, inv_t: float, entropy: bool):
     """x3 [A, B, V] (last dim contiguous), targets [A*B] -> logp [A*B], state [A*B, 2], entropy [A*B] or None (fp32)."""
     assert x3.dim() == 3 and x3.stride(2) == 1 and targets.is_contiguous() and targets.numel() == x3.shape[0] * x3.shape[1]
@@ -130,6 +136,7 @@ def rows_fwd_triton(x3: torch.Tensor, targets: torch.Tensor, inv_t: float, entro
     state = torch.empty(n, 2, device=x3.device, dtype=torch.float32)
     ent = torch.empty_like(logp) if entropy else None
     if n:
+        x3 = _one_level(x3)
         block, warps = row_config(x3.shape[2])
         _rows_fwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], targets, logp, state,
                                ent if entropy else logp, x3.shape[2], inv_t, BLOCK_V=block, ENTROPY=entropy,
@@ -146,6 +153,7 @@ def rows_bwd_triton(x3: torch.Tensor, dx3: torch.Tensor, targets: torch.Tensor, 
     if n == 0:
         return
     entropy = h is not None
+    x3, dx3 = _one_level(x3), _one_level(dx3)
     block, warps = row_config(x3.shape[2])
     _rows_bwd_kernel[(n,)](x3, x3.stride(0), x3.stride(1), x3.shape[1], dx3, dx3.stride(0), dx3.stride(1), targets,
                            state, g, h if entropy else g, ent if entropy else g, x3.shape[2], inv_t, BLOCK_V=block,

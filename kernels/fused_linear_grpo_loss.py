@@ -85,8 +85,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
     r = tl.program_id(0).to(tl.int64)
     n = row0 + r
     x_row = x_ptr + r * stride_row
-    tgt = tl.load(tgt_ptr + n)
-    logp, m, log_s, ent = row_stats(x_row, tgt, V, inv_t, BLOCK_V, ENTROPY)
+    logp, m, log_s, ent = row_stats(x_row, tgt_ptr + n, V, inv_t, BLOCK_V, ENTROPY)
     if WRITE_LOGP:
         tl.store(logp_ptr + n, logp)
 
@@ -127,7 +126,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
         h = g  # placeholder without ENTROPY (never read)
         if ENTROPY:
             h = tl.where(real, -ent_coef * w, 0.0)
-        row_grad(x_row, x_row, tgt, m, log_s, ent, g, h, V, inv_t, BLOCK_V, ENTROPY)
+        row_grad(x_row, x_row, tl.load(tgt_ptr + n), m, log_s, ent, g, h, V, inv_t, BLOCK_V, ENTROPY)
 
 
 # ----------------------------------------------------------------------------- per-call constants
