@@ -59,7 +59,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         ent = torch.empty_like(logp) if entropy else None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            lp, st, en, _ = chunk_fwd(backend, hidden[s:e] @ weight.T, targets[s:e], inv_t, entropy)
+            lp, st, en = chunk_fwd(backend, hidden[s:e] @ weight.T, targets[s:e], inv_t, entropy)[:3]
             logp[s:e], state[s:e] = lp, st
             if entropy:
                 ent[s:e] = en

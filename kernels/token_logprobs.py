@@ -49,7 +49,7 @@ def rows_fwd_torch(x3: torch.Tensor, targets: torch.Tensor, inv_t: float, entrop
     state = torch.empty(n, 2, device=x3.device, dtype=torch.float32)
     ent = torch.empty_like(logp) if entropy else None
     for a, b0, b1, sl in _row_chunks(x3):
-        lp, st, en, _ = chunk_fwd("torch", x3[a, b0:b1].to(torch.float32, copy=True), targets[sl], inv_t, entropy)
+        lp, st, en = chunk_fwd("torch", x3[a, b0:b1].to(torch.float32, copy=True), targets[sl], inv_t, entropy)[:3]
         logp[sl], state[sl] = lp, st
         if entropy:
             ent[sl] = en
