@@ -9,8 +9,9 @@ is known as soon as logp_t is. So the forward does everything, chunk by chunk ov
 tokens:
 
     logits_c        = hidden_c @ weight.T                      matmul 1
-    row kernel      : lse pass over the row (read), logp, the GRPO token terms, then
-                      dlogits = w * dl/dlogp * (onehot - p) / T  written in place (read + write)
+    row kernel      : the row routine's statistics pass (read), logp, the GRPO token terms,
+                      then its gradient pass in place (read + write):
+                      dlogits = w * dl/dlogp * (onehot - p) / T
     grad_hidden_c   = dlogits_c @ weight                       matmul 2
     grad_weight    += dlogits_c.T @ hidden_c                   matmul 3
 
@@ -21,17 +22,17 @@ Entropy bonus (`entropy_coef`): L -= coef * sum_t w_t H_t, H_t the entropy of so
 with the same token weights w_t as the loss_type (grpo: per-completion mean, then mean over
 completions; bnpo / dapo: token mean; dr_grpo: sum / (B L)), not multiplied by TIS weights. Equal
 weights keep gradient accumulation over micro-batches exact, as for the loss itself. H_t comes from
-the same lse pass (online sum of p * (z - max), so no cancellation against a large max), and its
-gradient joins the in-place pass:
+the same statistics pass (online sum of p * (z - max), so no cancellation against a large max), and
+its gradient joins the in-place pass:
 
     H = log s - sum_j e_j (z_j - m) / s,    dL/dz_j += coef * w_t * p_j * (log p_j + H)
 
 GSPO (`ratio_level="sequence"`): token t's gradient needs its completion's ratio s_i, known only
 once every logp of that row is. The GSPO path therefore works on whole completions: chunks hold
-whole rows (chunk_size // T of them), and per chunk it runs the lse kernel (logp, max, log s,
-entropy per token), the grpo_loss kernels on those rows ([rows, T], GSPO's row pass included),
-then the gradient kernel in place over the same logits and the two gradient matmuls: still 3
-matmuls, one extra launch and [C, 4] floats per chunk. When one completion does not fit in a
+whole rows (chunk_size // T of them), and per chunk it runs the row routine's statistics kernel
+(logp, max, log s, entropy per token), the grpo_loss kernels on those rows ([rows, T], GSPO's row
+pass included), then its gradient kernel in place over the same logits and the two gradient
+matmuls: still 3 matmuls, one extra launch and [C, 2] floats per chunk. When one completion does not fit in a
 chunk (T > chunk_size; on the torch backend: more real tokens than chunk_size), that row's logits
 are computed twice (4 matmuls for it: the "recompute" path), which is logged once on the
 `rlvr_fast.kernels` logger, like the backend; pass chunk_size >= T to avoid it.
@@ -50,6 +51,8 @@ Trade-offs (chosen, documented):
   nonzero(), a host sync: free on CPU); the Triton path keeps them (zero gradient rows) to stay
   free of host syncs.
 
+The row math (statistics, entropy, gradient; both backends) is the shared routine of `_rows.py`.
+
 hidden: [B, T, H] (matching targets and mask [B, T]) or already flat [B*T, H] in the same order.
 """
 
@@ -60,6 +63,7 @@ from dataclasses import dataclass
 import torch
 
 from ._common import check_index, check_temperature, log_path, pick_backend, row_config, tl, triton
+from ._rows import chunk_fwd, chunk_grad, grad_buffer, row_grad, row_grad_torch, row_stats
 from .grpo_loss import (LossTerms, check_grpo_args, grpo_core, grpo_token_terms, grpo_token_terms_torch, loss_weights,
                         stats_dict, tis_weight, tis_weight_torch)
 from .linear_token_logprobs import check_linear_args, pick_chunk_size
@@ -72,52 +76,6 @@ OP = "fused_linear_grpo_loss"
 
 
 @triton.jit
-def _row_lse(x_row, V, inv_t, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """Pass 1 over a row of logits x: (m, log s, entropy) of z = x / T, with s = sum exp(z - m)."""
-    cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    zs = 0.0        # sum of exp(z - m_ref) * (z - m_ref) (entropy only)
-    prev_ref = 0.0  # the m_ref that zs is relative to (finite, unlike m before the first value)
-    for start in range(0, V, BLOCK_V):
-        z = tl.load(x_row + start + cols, mask=start + cols < V, other=-float("inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        scale = tl.exp(m - m_ref)
-        e = tl.exp(z - m_ref)  # 0 in the padding
-        if ENTROPY:  # move zs to the new reference: sum e' (z - m_ref) = scale * (zs - (m_ref - prev) * s)
-            zs = (zs - (m_ref - prev_ref) * s) * scale + tl.sum(e * tl.where(e > 0.0, z - m_ref, 0.0), axis=0)
-            prev_ref = m_ref
-        s = s * scale + tl.sum(e, axis=0)
-        m = m_new
-    # Keep the max and log(s) apart: logp = (z_y - m) - log(s) rounds once per small term, where
-    # z_y - (m + log s) would first round lse to the ulp of a large number (up to a few 1e-7
-    # relative), an error that the target's p (near 1, in g * (1 - p)) turns into a gradient error.
-    m = tl.where(m == -float("inf"), 0.0, m)
-    log_s = tl.log(s)
-    ent = log_s  # a placeholder tensor without ENTROPY (never read)
-    if ENTROPY:
-        ent = log_s - zs / s
-    return m, log_s, ent
-
-
-@triton.jit
-def _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """Pass 2, in place: dL/dx = (g * [j == y] - p_j * (g + h * (log p_j + H))) / T (h = dL/dH)."""
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        ok = idx < V
-        z = tl.load(x_row + idx, mask=ok, other=0.0).to(tl.float32) * inv_t
-        lp = (z - m) - log_s
-        p = tl.exp(lp)
-        dz = tl.where(idx == tgt, g, 0.0) - g * p
-        if ENTROPY:
-            dz -= h * p * tl.where(p > 0.0, lp + ent, 0.0)  # -inf logits: p = 0, no 0 * inf
-        tl.store(x_row + idx, (dz * inv_t).to(x_row.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_ptr, adv_ptr, w_ptr, stats_ptr, logp_ptr,
                             row0, T, V, inv_t, clip_low, clip_high, beta, delta, tis_cap, ent_coef,
                             HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -127,9 +85,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
     r = tl.program_id(0).to(tl.int64)
     n = row0 + r
     x_row = x_ptr + r * stride_row
-    m, log_s, ent = _row_lse(x_row, V, inv_t, BLOCK_V, ENTROPY)
-    tgt = tl.load(tgt_ptr + n)
-    logp = (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s
+    logp, m, log_s, ent = row_stats(x_row, tgt_ptr + n, V, inv_t, BLOCK_V, ENTROPY)
     if WRITE_LOGP:
         tl.store(logp_ptr + n, logp)
 
@@ -170,38 +126,7 @@ def _fused_grpo_rows_kernel(x_ptr, stride_row, tgt_ptr, old_ptr, ref_ptr, roll_p
         h = g  # placeholder without ENTROPY (never read)
         if ENTROPY:
             h = tl.where(real, -ent_coef * w, 0.0)
-        _row_grad(x_row, V, inv_t, tgt, m, log_s, g, h, ent, BLOCK_V, ENTROPY)
-
-
-@triton.jit
-def _rows_lse_kernel(x_ptr, stride_row, tgt_ptr, out_ptr, V, inv_t, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    # GSPO path, pass 1: per token (logp, m, log s, entropy) into out [C, 4].
-    r = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + r * stride_row
-    m, log_s, ent = _row_lse(x_row, V, inv_t, BLOCK_V, ENTROPY)
-    tgt = tl.load(tgt_ptr + r)
-    out = out_ptr + r * 4
-    tl.store(out + 0, (tl.load(x_row + tgt).to(tl.float32) * inv_t - m) - log_s)
-    tl.store(out + 1, m)
-    tl.store(out + 2, log_s)
-    if ENTROPY:
-        tl.store(out + 3, ent)
-
-
-@triton.jit
-def _rows_grad_kernel(x_ptr, stride_row, tgt_ptr, lse_ptr, g_ptr, h_ptr, V, inv_t, ENTROPY: tl.constexpr,
-                      BLOCK_V: tl.constexpr):
-    # GSPO path, pass 2: the logits become dL/dlogits given g = dL/dlogp and h = dL/dentropy per token.
-    r = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + r * stride_row
-    lse = lse_ptr + r * 4
-    g = tl.load(g_ptr + r)
-    h = g  # placeholders without ENTROPY (never read)
-    ent = g
-    if ENTROPY:
-        h = tl.load(h_ptr + r)
-        ent = tl.load(lse + 3)
-    _row_grad(x_row, V, inv_t, tl.load(tgt_ptr + r), tl.load(lse + 1), tl.load(lse + 2), g, h, ent, BLOCK_V, ENTROPY)
+        row_grad(x_row, x_row, tl.load(tgt_ptr + n), m, log_s, ent, g, h, V, inv_t, BLOCK_V, ENTROPY)
 
 
 # ----------------------------------------------------------------------------- per-call constants
@@ -249,32 +174,10 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     return stats
 
 
-def _lse_torch(logits, inv_t: float, targets, entropy: bool):
-    """logits [C, V] -> (log_softmax(logits / T) fp32 [C, V], logp [C], entropy [C] or None)."""
-    z = logits.float()
-    z = z.mul_(inv_t) if inv_t != 1.0 else z
-    logp_all = torch.log_softmax(z, dim=-1)
-    del z
-    logp = logp_all.gather(1, targets.unsqueeze(1)).squeeze(1)
-    ent = -torch.where(logp_all > -float("inf"), logp_all.exp() * logp_all, 0.0).sum(-1) if entropy else None
-    return logp_all, logp, ent
-
-
-def _grad_torch(logp_all, targets, g, h, ent, inv_t: float, dtype) -> torch.Tensor:
-    """dL/dlogits = (g * onehot - p * (g + h * (log p + H))) / T, in place over logp_all; h None: no entropy."""
-    coef = g.unsqueeze(1)
-    if h is not None:  # where(): -inf logits have p = 0 and must not give 0 * inf
-        coef = torch.where(logp_all > -float("inf"), (logp_all + ent[:, None]) * h[:, None], 0.0) + coef
-    dz = logp_all.exp_().mul_(coef.neg())
-    dz.scatter_add_(1, targets.unsqueeze(1), g.unsqueeze(1))
-    dz = dz.mul_(inv_t) if inv_t != 1.0 else dz
-    return dz.to(dtype)
-
-
 def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, entropy: bool,
                  write_grad):
     """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits, logp)."""
-    logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
+    logp, _, ent, logp_all = chunk_fwd("torch", logits, targets, inv_t, entropy)
     old = logp if old is None else old
     tis_w, capped = tis_weight_torch(old, roll, o.tis_cap) if roll is not None else (None, None)
     ratio = torch.exp(logp - old)
@@ -287,32 +190,7 @@ def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerm
     if not write_grad:
         return stats, None, logp
     h = -ent_coef * tok_w if entropy else None
-    return stats, _grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t, logits.dtype), logp
-
-
-def _lse_chunk(backend, logits, targets, inv_t, entropy):
-    """GSPO path, pass 1 of a chunk -> (state for _grad_chunk, logp [C], entropy [C] or None)."""
-    if backend == "triton":
-        lse = torch.zeros(logits.shape[0], 4, device=logits.device, dtype=torch.float32)
-        block, warps = row_config(logits.shape[1])
-        _rows_lse_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, logits.shape[1], inv_t,
-                                             ENTROPY=entropy, BLOCK_V=block, num_warps=warps)
-        return (logits, lse), lse[:, 0], (lse[:, 3] if entropy else None)
-    logp_all, logp, ent = _lse_torch(logits, inv_t, targets, entropy)
-    return (logp_all, ent), logp, ent
-
-
-def _grad_chunk(backend, state, targets, g, h, inv_t, dtype) -> torch.Tensor:
-    """GSPO path, pass 2 of a chunk: dL/dlogits [C, V] (in place over the state's buffer)."""
-    if backend == "triton":
-        logits, lse = state
-        block, warps = row_config(logits.shape[1])
-        _rows_grad_kernel[(logits.shape[0],)](logits, logits.stride(0), targets, lse, g, h if h is not None else g,
-                                              logits.shape[1], inv_t, ENTROPY=h is not None, BLOCK_V=block,
-                                              num_warps=warps)
-        return logits
-    logp_all, ent = state
-    return _grad_torch(logp_all, targets, g, h, ent, inv_t, dtype)
+    return stats, row_grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t).to(logits.dtype), logp
 
 
 # ----------------------------------------------------------------------------- forward loops
@@ -397,12 +275,12 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
         states = []
         for s, e in spans:
             h_c = hidden.index_select(0, idx[s:e]) if tokens is not None else hidden[r0 * t + s:r0 * t + e]
-            state, lp, en = _lse_chunk(backend, h_c @ weight.T, tk.targets[idx[s:e]], inv_t, entropy)
+            lp, state, en, buf = chunk_fwd(backend, h_c @ weight.T, tk.targets[idx[s:e]], inv_t, entropy)
             pos = idx[s:e] - r0 * t
             logp[pos] = lp
             if entropy:
                 ent[pos] = en
-            states.append(state if keep else None)
+            states.append((state, en, buf if keep else None))
         rows = slice(r0, r1)
         tok = slice(r0 * t, r1 * t)
         if tk.logp_out is not None:
@@ -417,15 +295,15 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
         sums = sums + s_g
         if not write_grad:
             continue
-        for (s, e), state in zip(spans, states):
+        for (s, e), (state, en, buf) in zip(spans, states):
             sel = idx[s:e]
             h_c = hidden.index_select(0, sel) if tokens is not None else hidden[r0 * t + s:r0 * t + e]
-            if state is None:
-                state = _lse_chunk(backend, h_c @ weight.T, tk.targets[sel], inv_t, entropy)[0]
+            if buf is None:  # recompute the logits; the row state from pass 1 still holds
+                buf = grad_buffer(backend, h_c @ weight.T, state, inv_t)
             pos = sel - r0 * t
             g = dlogp.view(-1)[pos].contiguous()
             hh = (-tk.ent_coef * tk.tok_w[sel]).contiguous() if entropy else None
-            dlogits = _grad_chunk(backend, state, tk.targets[sel], g, hh, inv_t, hidden.dtype)
+            dlogits = chunk_grad(backend, buf, tk.targets[sel], state, g, hh, en, inv_t, hidden.dtype)
             if grad_h is not None:
                 if tokens is None:
                     torch.mm(dlogits, weight, out=grad_h[r0 * t + s:r0 * t + e])

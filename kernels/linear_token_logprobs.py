@@ -7,7 +7,7 @@ Math: logits = hidden @ weight.T, then exactly `token_logprobs` (see token_logpr
 Algorithm: walk the N tokens in chunks of C rows. Per chunk:
 
     forward   logits_c = hidden_c @ weight.T          (matmul in the inputs' dtype; cuBLAS / MKL)
-              logp_c, lse_c = row kernel(logits_c)     (reads the chunk once; saves lse_c only)
+              logp_c, state_c = row kernel(logits_c)   (reads the chunk once; saves max, log-sum)
     backward  logits_c = hidden_c @ weight.T          (recomputed: 1 extra matmul, no [N, V] kept)
               dlogits_c = row kernel, in place         (g * (onehot - p) / T; reads + writes once)
               grad_hidden_c  = dlogits_c @ weight
@@ -21,9 +21,9 @@ this op cannot compute its gradients in the forward; it recomputes.
 grad_weight accumulates in weight.dtype with addmm: each chunk's product is summed in fp32 inside
 the GEMM and rounded once when added (for bf16 weights: one bf16 rounding per chunk).
 
-On CUDA (backend "triton") the row kernels are the Triton ones of token_logprobs; on CPU
-(backend "torch") the same chunked algorithm runs with PyTorch ops on the fp32 chunk. The chunk
-size comes from a memory budget: 512 MiB of logits on a GPU, 32 MiB of fp32 logits on a CPU.
+The row kernel is the shared row routine of `_rows.py` (Triton on CUDA, its PyTorch twin on the
+fp32 chunk on CPU). The chunk size comes from a memory budget: 512 MiB of logits on a GPU, 32 MiB
+of fp32 logits on a CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_float, check_index, check_same_device, check_temperature, pick_backend
-from .token_logprobs import chunk_fwd_torch, chunk_grad_torch, rows_bwd_triton, rows_fwd_triton
+from ._rows import chunk_fwd, chunk_grad, grad_buffer
 
 _CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 32 << 20}
 
@@ -50,45 +50,26 @@ def pick_chunk_size(n: int, vocab: int, device: torch.device, dtype: torch.dtype
     return max(1, min(rows, n))
 
 
-def chunk_logits_fwd(backend: str, logits: torch.Tensor, targets: torch.Tensor, inv_t: float, entropy: bool):
-    """logits [C, V] (a fresh matmul output, may be overwritten) -> logp, lse, entropy-or-None (fp32 [C])."""
-    if backend == "triton":
-        return rows_fwd_triton(logits.view(1, *logits.shape), targets, inv_t, entropy)
-    z = logits.float()
-    return chunk_fwd_torch(z.mul_(inv_t) if inv_t != 1.0 else z, targets, entropy)
-
-
-def chunk_logits_grad(backend: str, logits, targets, lse, g, g_ent, ent, inv_t: float) -> torch.Tensor:
-    """logits [C, V] (fresh, owned) -> dL/dlogits [C, V] in logits.dtype, in place where possible."""
-    if backend == "triton":
-        l3 = logits.view(1, *logits.shape)
-        rows_bwd_triton(l3, l3, targets, lse, g, g_ent, ent, inv_t)
-        return logits
-    z = logits.float()
-    dz = chunk_grad_torch(z.mul_(inv_t) if inv_t != 1.0 else z, targets, lse, g, g_ent, ent, inv_t)
-    return dz.to(logits.dtype)
-
-
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_t: float, entropy: bool, chunk: int, backend: str):
         n = hidden.shape[0]
         logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        lse = torch.empty_like(logp)
+        state = torch.empty(n, 2, device=hidden.device, dtype=torch.float32)
         ent = torch.empty_like(logp) if entropy else None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            lp, ls, en = chunk_logits_fwd(backend, hidden[s:e] @ weight.T, targets[s:e], inv_t, entropy)
-            logp[s:e], lse[s:e] = lp, ls
+            lp, st, en = chunk_fwd(backend, hidden[s:e] @ weight.T, targets[s:e], inv_t, entropy)[:3]
+            logp[s:e], state[s:e] = lp, st
             if entropy:
                 ent[s:e] = en
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.save_for_backward(hidden, weight, targets, state, ent)
         ctx.inv_t, ctx.chunk, ctx.backend = inv_t, chunk, backend
         return (logp, ent) if entropy else logp
 
     @staticmethod
     def backward(ctx, g, g_ent=None):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, state, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = g.float().contiguous()
         g_ent = None if ent is None else g_ent.float().contiguous()
@@ -98,9 +79,10 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         for s in range(0, n, ctx.chunk):
             e = min(s + ctx.chunk, n)
             h = hidden[s:e]
-            dlogits = chunk_logits_grad(ctx.backend, h @ weight.T, targets[s:e], lse[s:e], g[s:e],
-                                        None if ent is None else g_ent[s:e], None if ent is None else ent[s:e],
-                                        ctx.inv_t)
+            buf = grad_buffer(ctx.backend, h @ weight.T, state[s:e], ctx.inv_t)
+            dlogits = chunk_grad(ctx.backend, buf, targets[s:e], state[s:e], g[s:e],
+                                 None if ent is None else g_ent[s:e], None if ent is None else ent[s:e], ctx.inv_t,
+                                 weight.dtype)
             if need_h:
                 torch.mm(dlogits, weight, out=grad_h[s:e])
             if need_w:

@@ -42,7 +42,7 @@ def flag_sets(flags: tuple[str, ...]) -> list[dict[str, bool]]:
 PRELUDE = """
 import torch
 from rlvr_fast.kernels import _common, fused_linear_grpo_loss, grpo_loss
-from rlvr_fast.kernels.token_logprobs import rows_bwd_triton, rows_fwd_triton
+from rlvr_fast.kernels._rows import rows_bwd_triton, rows_fwd_triton
 from rlvr_fast.kernels.sampling import _sample_triton
 from rlvr_fast.kernels.paged_attention import _paged_attention_triton
 from rlvr_fast.kernels.paged_kv import _write_kv_triton
@@ -73,14 +73,14 @@ def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
         block, warps = _gpu_row_config(row_config, vocab)
         expect[-1].append((name, {"BLOCK_V": block, "num_warps": warps, "dtype": dtype, "V": vocab, **extra}))
 
-    # Per-token log-probs: forward and backward, with and without entropy, every dtype and vocabulary.
+    # The shared row kernels (kernels/_rows.py) as token_logprobs launches them: forward and backward, with and without entropy, every dtype and vocabulary.
     for dtype, vocab in itertools.product(DTYPES, VOCABS if ALL else VOCABS[:1] + VOCABS[-1:]):
         for entropy in (False, True):
             case(f"x = torch.randn(1, 2, {vocab}).to(torch.{dtype}); y = torch.zeros(2, dtype=torch.long)\n"
-                         f"lp, lse, ent = rows_fwd_triton(x, y, 1.0, {entropy})\n"
-                         f"g = torch.ones(2); rows_bwd_triton(x, x, y, lse, g, {'g' if entropy else 'None'}, ent, 1.0)")
-            row("_logprob_fwd_kernel", dtype, vocab, ENTROPY=entropy)
-            row("_logprob_bwd_kernel", dtype, vocab, ENTROPY=entropy)
+                         f"lp, state, ent = rows_fwd_triton(x, y, 1.0, {entropy})\n"
+                         f"g = torch.ones(2); rows_bwd_triton(x, x, y, state, g, {'g' if entropy else 'None'}, ent, 1.0)")
+            row("_rows_fwd_kernel", dtype, vocab, ENTROPY=entropy)
+            row("_rows_bwd_kernel", dtype, vocab, ENTROPY=entropy)
 
     # GRPO loss on [B, T] log-probs: forward+backward (WRITE_GRAD) for each option set.
     for flags, dtype in itertools.product(flag_sets(GRPO_FLAGS), ("float32", "bfloat16") if ALL else ("float32",)):
@@ -95,7 +95,7 @@ def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
                      f"loss.backward()")
         expect[-1].append(("_grpo_loss_kernel", {"BLOCK_T": 1024, "num_warps": 4, **flags}))
 
-    # The fused lm-head GRPO loss: the token-level row kernel, and GSPO's two-pass kernels.
+    # The fused lm-head GRPO loss: the token-level row kernel, and GSPO's two passes (the shared row kernels).
     for flags in flag_sets(FUSED_FLAGS):
         dtype = "bfloat16"
         kw = [] if flags["ref"] else ["beta=0.0"]
@@ -108,8 +108,8 @@ def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
     for dtype, entropy in itertools.product(DTYPES, (False, True)):
         kw = ["ratio_level='sequence'"] + (["entropy_coef=0.01"] if entropy else [])
         case(_fused_call(dtype, VOCABS[1], {"old": True, "ref": True, "tis": False}, kw))
-        row("_rows_lse_kernel", dtype, VOCABS[1], ENTROPY=entropy)
-        row("_rows_grad_kernel", dtype, VOCABS[1], ENTROPY=entropy)
+        row("_rows_fwd_kernel", dtype, VOCABS[1], ENTROPY=entropy)
+        row("_rows_bwd_kernel", dtype, VOCABS[1], ENTROPY=entropy)
 
     # Sampling: temperature and greedy rows.
     for dtype, greedy in itertools.product(DTYPES, (False, True)):
