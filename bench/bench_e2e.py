@@ -185,9 +185,25 @@ def child_trl(args: argparse.Namespace) -> dict:
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0,
     )
+    if args.trl_head == "ours":  # bench_embed.py: TRL's trainer with its loss from rlvr_fast's fused kernel
+        from rlvr_fast.integrations.trl import FusedGRPOTrainer as GRPOTrainer  # noqa: N814
+    if args.no_kl_bias_correction:  # the KL form the fused loss implements (TRL 1.16 defaults to the ratio-weighted one)
+        config.use_bias_correction_kl = False
     timer = Timer()
     trainer = GRPOTrainer(model=str(default_model_dir()), reward_funcs=multiply, args=config, train_dataset=ds,
                           callbacks=[timer])
+    split: dict[str, list[float]] = {"generate_s": [], "loss_forward_s": []}
+
+    def timed(name, fn):  # per-call wall time of one phase of TRL's step
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            split[name].append(time.perf_counter() - t0)
+            return out
+        return wrapper
+    # generation + rewards + reference log-probs, and the loss forward (TRL's head, or ours with its gradients)
+    trainer._generate_and_score_completions = timed("generate_s", trainer._generate_and_score_completions)
+    trainer.compute_loss = timed("loss_forward_s", trainer.compute_loss)
     rss_load = rss_gb()
     trainer.train()
     steps = []
@@ -196,7 +212,8 @@ def child_trl(args: argparse.Namespace) -> dict:
         num = lambda key: float(log[key]) if key in log else float("nan")  # noqa: E731
         steps.append({"seconds": dt, "cpu_util": timer.cpu[i], "completion_tokens": num("completions/mean_length") * n,
                       "reward_mean": num("reward"), "truncated_frac": num("completions/clipped_ratio"),
-                      "zero_std_frac": num("frac_reward_zero_std"), "step_time_metric": num("step_time")})
+                      "zero_std_frac": num("frac_reward_zero_std"), "step_time_metric": num("step_time"),
+                      **{k: v[i] if i < len(v) else float("nan") for k, v in split.items()}})
     tok = trainer.processing_class
     prompt_lens = [len(tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
@@ -221,10 +238,11 @@ def trl_available() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def run_child(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False) -> dict:
+def run_child(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False,
+              extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--prompts", str(args.prompts),
            "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, *extra]
     if all_groups:
         cmd.append("--all-groups")
     if ignore_eos:
@@ -266,6 +284,8 @@ def main() -> None:
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--all-groups", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-ignore-eos", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-head", choices=["trl", "ours"], default="trl", help=argparse.SUPPRESS)
+    ap.add_argument("--no-kl-bias-correction", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:

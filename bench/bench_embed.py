@@ -19,8 +19,9 @@ loss: forward + backward of the GRPO loss from hidden states [N, H] and an lm_he
     - matmuls: the 3 GEMMs any method needs (h @ W.T, its two gradients), the floor (skipped like naive).
     Time: median over --reps calls, variants interleaved in one process; memory: peak extra RSS
     (CPU) / allocated (CUDA) of one call in a fresh process, gradients included.
-step: see bench_e2e.py --help; one TRL GRPOTrainer step on the default model, with TRL's head and
-    with ours (rlvr_fast.integrations.trl), same run.
+step: one TRL GRPOTrainer step on the default model (bench_e2e.py's TRL child: 2 prompts x 8 x 64
+    tokens, multiply prompt), with TRL's own head and with ours (rlvr_fast.integrations.trl), same run:
+    time split and peak memory.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def parse():
                    help="skip a variant whose [N, V] tensors would pass this (default: 60%% of RAM / GPU memory)")
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)  # set per size for the children
     p.add_argument("--v", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--step-steps", type=int, default=3, help="timed TRL steps per process (step part)")
+    p.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="step part precision")
     p.add_argument("--no-write", action="store_true", help="print the tables without appending to RESULTS.md")
     args, _ = p.parse_known_args()
     return args
@@ -190,6 +193,52 @@ def loss_part(a, device: str) -> str:
             + "\n\n".join(sections))
 
 
+# ----------------------------------------------------------------------------- step
+
+
+def step_part(a) -> str:
+    """TRL's GRPOTrainer, one step at a time, with its own head and with ours: each in a fresh process, twice,
+    alternating (trl, ours, trl, ours), so a drift in machine load hits both."""
+    import statistics
+
+    import bench_e2e
+
+    e2e = argparse.Namespace(prompts=2, group=8, new_tokens=64, steps=a.step_steps, dtype=a.step_dtype)
+    missing = bench_e2e.trl_available()
+    if missing:
+        return f"Not measured: TRL does not import ({missing})."
+    runs: dict[str, list[dict]] = {"trl": [], "ours": []}
+    for _ in range(2):
+        for head in ("trl", "ours"):
+            print(f"bench_embed step: TRL GRPOTrainer with {head} head ...", file=sys.stderr, flush=True)
+            res = bench_e2e.run_child("trl", e2e, extra=("--trl-head", head, "--no-kl-bias-correction"))
+            if "error" in res:
+                return f"The {head} run failed: {res['error']}"
+            runs[head].append(res)
+    rows, med = [], {}
+    for head, results in runs.items():
+        timed = [st for res in results for st in res["steps"][1:]]  # the first step of each process is a warm-up
+        m = {k: statistics.median(st[k] for st in timed) for k in ("seconds", "generate_s", "loss_forward_s")}
+        m["peak"] = max(res["peak_rss_gb"] for res in results)
+        med[head] = m
+    for head, m in med.items():
+        rest = m["seconds"] - m["generate_s"] - m["loss_forward_s"]
+        rows.append([{"trl": "TRL as shipped (its chunked head)", "ours": "TRL + rlvr_fast.integrations.trl"}[head],
+                     f"{m['seconds']:.2f}", f"{m['generate_s']:.2f}", f"{m['loss_forward_s']:.2f}", f"{rest:.2f}",
+                     f"{m['peak']:.2f}", ratio(med["trl"]["seconds"], m["seconds"]),
+                     ratio(m["peak"], med["trl"]["peak"], 3)])
+    header = ["loss", "s/step median", "generate + score + ref s", "loss forward s", "backward + optimizer s",
+              "peak RSS GB", "speedup vs TRL", "peak memory vs TRL"]
+    return (f"One TRL GRPOTrainer step on CPU: the default model (SmolLM2-135M-Instruct), {a.step_dtype}, the multiply "
+            f"prompt (1x1 digits), 2 prompts x G=8 x <= 64 new tokens, beta {bench_e2e.BETA} with "
+            f"use_bias_correction_kl=False on both sides (the KL the fused loss implements), every other GRPOConfig "
+            f"option as in bench_e2e.py. Each head in 2 fresh processes, alternating; per process 1 warm-up step "
+            f"then {a.step_steps} timed steps; medians over the timed steps of both processes; peak RSS = the larger "
+            f"of the two processes' (model loading included). 'loss forward' is GRPOTrainer.compute_loss (ours "
+            f"computes the gradients there too, so its backward is only the decoder's).\n\n"
+            + markdown_table(header, rows))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -209,8 +258,7 @@ def main():
         if not a.no_write:
             append_results(f"Embedding: GRPO loss from hidden states vs TRL's fused head, {a.dtype}", body, device)
     if "step" in parts:
-        from bench_e2e import trl_step_comparison  # noqa: PLC0415  (imports TRL's world only when asked)
-        body = trl_step_comparison(device)
+        body = step_part(a)
         print(body)
         if not a.no_write:
             append_results("Embedding: one TRL GRPOTrainer step, TRL's head vs ours", body, device)
