@@ -35,6 +35,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
 
 LOSS_VARIANTS = ["naive", "trl", "liger", "ours", "matmuls"]
@@ -252,6 +253,12 @@ def main():
         print(body)
         if not a.no_write:
             append_results("Embedding: import rlvr_fast.kernels", body, device)
+    try:  # the TRL version goes into every section's header: both the loss and the step compare against it
+        import trl
+        base = benchlib.versions()
+        benchlib.versions = lambda: f"{base}, trl {trl.__version__}"
+    except ImportError:
+        pass
     if "loss" in parts:
         body = loss_part(a, device)
         print(body)
