@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+from bench_grpo_loss import batch  # noqa: E402
 from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
 
 LOSS_VARIANTS = ["naive", "trl", "liger", "ours", "matmuls"]
@@ -123,12 +124,7 @@ def make(variant: str, mode: str, device: str):
     hid = torch.randn(b, t, h_dim, device=device, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(v, h_dim, device=device, generator=g) * h_dim ** -0.5).to(dtype).requires_grad_()
     y = torch.randint(0, v, (b, t), device=device, generator=g)
-    logp0 = -torch.rand(b, t, device=device, generator=g) * 3
-    old = logp0 + torch.randn(b, t, device=device, generator=g) * 0.1
-    ref = logp0 + torch.randn(b, t, device=device, generator=g) * 0.1
-    adv = torch.randn(b, device=device, generator=g)
-    lengths = torch.randint(int(0.8 * t), t + 1, (b,), device=device, generator=g)
-    mask = (torch.arange(t, device=device)[None, :] < lengths[:, None]).float()
+    _, old, ref, adv, mask = batch(b, t, device)  # bench_grpo_loss's: log-probs near each other, ~10% padding
 
     if variant == "matmuls":
         hd, wd = hid.detach().view(n, h_dim), w.detach()

@@ -63,5 +63,4 @@ def load_pretrained(path: str | Path | None = None, *, device: str | torch.devic
     return model, Tokenizer.from_dir(path)
 
 
-__all__ = ["CheckpointError", "LlamaConfig", "LlamaForCausalLM", "RolloutEngine", "SamplingParams", "Tokenizer",
-           "TokenizerError", "load_pretrained", "save_pretrained"]
+__all__ = sorted([*_LAZY, "load_pretrained"])

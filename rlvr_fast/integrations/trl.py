@@ -235,14 +235,15 @@ def fused_compute_loss(self: GRPOTrainer, model, inputs) -> torch.Tensor:
             **getattr(self, "_rlvr_fast_loss_kwargs", {}))
     if self.loss_type != "dapo":  # dapo's normaliser above already covers the accumulation window
         loss = loss / accumulation
-    _log_metrics(self, mode, mask, logp, inputs.get("old_per_token_logps"), inputs.get("ref_per_token_logps"),
-                 advantages[:, None], stats["entropy"])
+    _log_metrics(self, mode, mask, logp, inputs.get("old_per_token_logps"), advantages[:, None], stats)
     return loss
 
 
 @torch.no_grad()
-def _log_metrics(self: GRPOTrainer, mode: str, mask, logp, old, ref, advantages, entropy_mean) -> None:
-    """The metrics GRPOTrainer._compute_loss logs, same names, same reductions, from the fused pass's log-probs."""
+def _log_metrics(self: GRPOTrainer, mode: str, mask, logp, old, advantages, stats) -> None:
+    """The metrics GRPOTrainer._compute_loss logs, same names, same reductions: KL and entropy from the fused
+    pass's statistics (means over this process's real tokens), the clip fractions from its log-probs (TRL counts
+    them per sequence at sequence level, the kernel per token)."""
     mask = mask.to(torch.float32)
     real = mask != 0
     old = logp if old is None else torch.where(real, old.float(), logp)
@@ -265,13 +266,16 @@ def _log_metrics(self: GRPOTrainer, mode: str, mask, logp, old, ref, advantages,
     def masked_seq_mean(x):
         return x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
 
+    count = mask.sum()
+
+    def global_token_mean(local_mean):  # a kernel statistic -> its mean over every process's real tokens
+        totals = self.accelerator.reduce(torch.stack([local_mean * count.clamp(min=1.0), count]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
     metrics = self._metrics[mode]
     if self.beta != 0.0:
-        d = torch.where(real, ref.float(), logp) - logp
-        metrics["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
-    count = mask.sum()
-    totals = self.accelerator.reduce(torch.stack([entropy_mean * count.clamp(min=1.0), count]), reduction="sum")
-    metrics["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        metrics["kl"].append(global_token_mean(stats["kl"]))
+    metrics["entropy"].append(global_token_mean(stats["entropy"]))
     is_low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
     is_high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
     metrics["clip_ratio/low_mean"].append(global_masked_mean(is_low))
