@@ -159,7 +159,17 @@ def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkey
     assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
 
 
+def test_cold_start_batch_is_apart_from_the_grpo_batch(tiny, tmp_path):
+    """--cold-start-batch sets the problems demonstrated per cold-start step; GRPO keeps --prompts-per-step."""
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "demo-test", "--cold-start-steps", "2", "--cold-start-batch", "3",
+                     "--steps", "1", "--max-oversample", "1")) == 0
+    assert [r["demonstrations"] for r in records(out / "cold_start.jsonl")] == [6, 6]  # 3 problems x 2 answers
+    assert records(out / "metrics.jsonl")[0]["groups_drawn"] == 2
+
+
 @pytest.mark.parametrize("bad,message", [(["--cold-start-steps", "-1"], "--cold-start-steps must be >= 0"),
+                                         (["--cold-start-batch", "0"], "--cold-start-batch must be >= 1"),
                                          (["--cold-start-lr", "0"], "--cold-start-lr must be a positive number")])
 def test_bad_cold_start_options_fail_before_work(tiny, tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit):

@@ -61,6 +61,8 @@ class TrainConfig:
     cold_start_steps: int = opt(0, "supervised steps on the task's demonstrations before GRPO (DeepSeek-R1's "
                                    "cold start); the KL reference is the model after them")
     cold_start_lr: float = opt(1e-4, "learning rate of the cold-start steps (constant, their own AdamW)")
+    cold_start_batch: int | None = opt(None, "problems demonstrated per cold-start step (default: --prompts-per-step); "
+                                             "apart from GRPO's batch, so a cheaper GRPO step keeps its cold start")
     # objective
     lr: float = opt(3e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -159,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"--report-to takes {' or '.join(REPORTERS)}, got {', '.join(map(repr, unknown))}")
         from rlvr_fast.grpo.report import check_reporters
         check_reporters(self.report_to)
+        if self.cold_start_batch is not None and self.cold_start_batch < 1:
+            raise ValueError(f"--cold-start-batch must be >= 1, got {self.cold_start_batch}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.lora_rank:

@@ -483,7 +483,7 @@ class GRPOTrainer:
         optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:
             t0 = time.perf_counter()
-            demos = self.task.demonstrations(rng, cfg.prompts_per_step)  # the same on every rank
+            demos = self.task.demonstrations(rng, cfg.cold_start_batch or cfg.prompts_per_step)  # the same on every rank
             samples = []
             for i, (problem, texts) in enumerate(demos[self.dist.local_slice(len(demos))]):
                 prompt = self.encode_prompt(problem)
