@@ -159,6 +159,24 @@ def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkey
     assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
 
 
+def test_steps_0_runs_only_the_cold_start_and_keeps_its_model(tiny, tmp_path):
+    """--steps 0: the cold start, its evaluation (not repeated as the final one), and its model saved even without
+    a KL reference, so GRPO runs can start from it (--model OUTPUT/cold-start)."""
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "demo-test", "--cold-start-steps", "2", "--beta", "0", "--steps", "0")) == 0
+    assert len(records(out / "cold_start.jsonl")) == 2
+    evals = records(out / "eval.jsonl")
+    assert [(e["step"], e.get("after_cold_start", False)) for e in evals] == [(0, False), (0, True)]
+    assert not (out / "metrics.jsonl").exists() or not records(out / "metrics.jsonl")
+    cold, _ = rlvr_fast.load_pretrained(out / "cold-start")
+    initial, _ = rlvr_fast.load_pretrained(tiny)
+    w = lambda m: m.model.layers[0].mlp.up_proj.weight
+    assert (w(cold) - w(initial)).abs().max() > 1e-4
+    # A GRPO run from it starts where the cold start ended: the same greedy completions, the same rewards.
+    assert main(args(out / "cold-start", tmp_path / "grpo", "--task", "demo-test", "--steps", "1")) == 0
+    assert records(tmp_path / "grpo" / "eval.jsonl")[0]["reward_mean"] == evals[1]["reward_mean"]
+
+
 def test_cold_start_batch_is_apart_from_the_grpo_batch(tiny, tmp_path):
     """--cold-start-batch sets the problems demonstrated per cold-start step; GRPO keeps --prompts-per-step."""
     out = tmp_path / "run"

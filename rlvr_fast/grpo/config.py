@@ -48,7 +48,7 @@ class TrainConfig:
     demote_after: int = opt(8, "multiply: steps in a row without one right completion at a level that move the "
                                "curriculum back down (0 = never)")
     # rollout
-    steps: int = opt(30, "optimizer steps")
+    steps: int = opt(30, "GRPO optimizer steps (0 = only the cold start and the evaluations)")
     prompts_per_step: int = opt(4, "prompts sampled per step (P)")
     group_size: int = opt(8, "completions per prompt (G)")
     max_new_tokens: int = opt(48, "completion length limit")
@@ -118,13 +118,13 @@ class TrainConfig:
                                          "both (metrics.jsonl is always written)", repeat=True)
 
     def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
+        positive = ("prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
                     "micro_batch_tokens", "eval_size", "max_bad_steps", "dist_timeout", "reward_workers",
                     "max_oversample")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps", "demote_after"):
+        for name in ("steps", "eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps", "demote_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         checks = [

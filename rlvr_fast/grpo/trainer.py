@@ -55,7 +55,7 @@ log = logging.getLogger("rlvr_fast")
 
 
 COLD_START_DIR = "cold-start"
-"""OUTPUT/cold-start: the model after the cold start, the KL reference a resumed run loads."""
+"""OUTPUT/cold-start: the model after the cold start (the KL reference a resumed run loads)."""
 
 
 class TrainingError(RuntimeError):
@@ -513,7 +513,8 @@ class GRPOTrainer:
             with torch.no_grad():  # same structure (a deep copy), same sharding: copy parameter by parameter
                 for ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
                     ref.copy_(p)
-            self.dist.save_model(self.model, self.tokenizer, self.output / COLD_START_DIR)
+        # Kept with or without a reference: GRPO's gain over the cold start alone is measured from it.
+        self.dist.save_model(self.model, self.tokenizer, self.output / COLD_START_DIR)
 
     # ---- evaluation ----------------------------------------------------------------------
 
@@ -628,7 +629,7 @@ class GRPOTrainer:
             self.dist.print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
             self.save()
             raise
-        after = self.run_evals()
+        after = cold if cold and self.step == 0 else self.run_evals()  # --steps 0: the cold start's evaluations
         if self.reward_pool is not None:
             self.reward_pool.close()
         if self.reporters is not None:
