@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import append_results, markdown_table  # noqa: E402
+from benchlib import add_no_write, default_device, interleaved, markdown_table, publish  # noqa: E402
 
 import rlvr_fast  # noqa: E402
 from rlvr_fast import RolloutEngine, SamplingParams  # noqa: E402
@@ -63,22 +61,6 @@ def hf_generate(hf, tok, ids: list[list[int]], n: int, new_tokens: int, temperat
     return (out.shape[1] - width) * out.shape[0]
 
 
-def time_alternating(fns: dict[str, Callable[[], int]], want: int, reps: int,
-                     sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Warm each fn up once (checking it generates `want` tokens), then time them in turns, `reps` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
-        assert fn() == want, f"{name} generated the wrong number of tokens"
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=[2, 8])
@@ -86,12 +68,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backends", action="store_true",
                     help="CPU: time the engine on the native ops vs on the PyTorch reference ops "
                          "(instead of vs transformers)")
-    ap.add_argument("--no-append", action="store_true", help="print the table only")
+    add_no_write(ap)
     args = ap.parse_args()
     if args.backends and args.device != "cpu":
         ap.error("--backends compares the CPU rollout ops: use --device cpu")
@@ -108,7 +90,6 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     rows = []
     for count in args.prompts:
@@ -131,7 +112,10 @@ def main() -> None:
         else:
             names = ("engine", "transformers")
             fns = {"engine": run_engine, "transformers": run_hf}
-        times = time_alternating(fns, want, args.reps, sync)
+        for name, fn in fns.items():  # warm-up
+            if fn() != want:
+                raise RuntimeError(f"{name} generated the wrong number of tokens (not {want})")
+        times = interleaved(fns, args.reps, args.device)
         fast, ref = (statistics.median(times[name]) for name in names)
         st = engine.stats
         rows.append([shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}",
@@ -158,11 +142,7 @@ def main() -> None:
                 "min_new_tokens=max_new_tokens.")
     header += ["engine steps (prefill + decode)", "preemptions"]
     body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
-    if args.no_append:
-        print(body)
-    else:
-        device = "cuda" if args.device == "cuda" else "cpu"
-        print(append_results(title, body, device))
+    publish(title, body, "cuda" if args.device == "cuda" else "cpu", not args.no_write)
 
 
 if __name__ == "__main__":
