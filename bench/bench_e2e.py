@@ -2,7 +2,7 @@
 
     python bench/bench_e2e.py                            # 2 prompts x G=8 x 64 new tokens, fp32, K=3 timed steps
     python bench/bench_e2e.py --dtype bfloat16 --no-second-ours   # both sides in bf16
-    python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-append
+    python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-write
 
 Both trainers: the embedded default model (SmolLM2-135M-Instruct, the HF-layout directory of
 rlvr_fast.checkpoint.default_model.default_model_dir()), on CPU in one precision (--dtype: fp32, or bf16:
@@ -215,7 +215,7 @@ def trl_available() -> str | None:
 
 
 def run_variant(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False,
-              extra: tuple[str, ...] = ()) -> dict:
+                extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--prompts", str(args.prompts),
            "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
            "--dtype", args.dtype, *extra, *(["--all-groups"] if all_groups else []),

@@ -28,9 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (Wall, bench_parser, default_device, fmt_mib, fmt_ms, main_or_child, markdown_table,  # noqa: E402
                       publish, ratio, run_all)
+from shapes import shape  # noqa: E402
 
 VARIANTS = ["sdpa", "ours", "flash_attn"]
-SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}  # Hq, Hkv, D
+# --shapes name -> its model's (query heads, KV heads, head_dim), from bench/shapes.py
+SHAPES = {name: (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) for name, cfg in
+          [("smollm2-135m", shape("smollm2-135m")), ("llama-1b", shape("llama-3.2-1b")), ("llama-8b", shape("llama-3.1-8b"))]}
 
 
 def parse():

@@ -2,8 +2,8 @@
 or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops.
 
     python bench/bench_rollout.py                      # 2 and 8 multiply prompts x n=8 x 64 new tokens, fp32
-    python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-append
-    python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-append
+    python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-write
+    python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-write
 
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
@@ -49,11 +49,12 @@ def prompts(tok, count: int) -> list[list[int]]:
     return out
 
 
-def hf_generate(hf, tok, ids: list[list[int]], n: int, new_tokens: int, temperature: float) -> int:
+def hf_generate(hf, ids: list[list[int]], n: int, new_tokens: int, temperature: float, pad: int) -> int:
+    """transformers' generate doing the engine's work: plain temperature sampling, n samples per prompt of exactly
+    new_tokens each (EOS ignored), prompts left-padded with `pad`. Returns the number of tokens generated."""
     width = max(map(len, ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=hf.device)
     with torch.inference_mode():
         out = hf.generate(input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                           num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -102,7 +103,8 @@ def main() -> None:
             return sum(len(c.token_ids) for g in out for c in g)
 
         def run_hf() -> int:
-            return hf_generate(hf, tok, ids, args.n, args.max_new_tokens, args.temperature)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            return hf_generate(hf, ids, args.n, args.max_new_tokens, args.temperature, pad)
 
         want = count * args.n * args.max_new_tokens
         shape = f"{count} x {args.n} x {args.max_new_tokens}"

@@ -229,6 +229,7 @@ def part_kernels(args, device: torch.device) -> str:
 
 def part_rollout(args, device: torch.device) -> str:
     import transformers
+    from bench_rollout import hf_generate
     from rlvr_fast import RolloutEngine, SamplingParams
     shape = SHAPES["tiny" if args.smoke else "llama-3.2-1b"]
     prompts, n, new = (2, 2, 8) if args.smoke else (8, 8, 256)
@@ -246,13 +247,7 @@ def part_rollout(args, device: torch.device) -> str:
             params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
             return lambda: sum(len(c.token_ids) for group in engine.generate(ids.tolist(), params, n=n) for c in group)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device).eval()
-
-        def hf_run():
-            with torch.inference_mode():
-                out = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
-                                  temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=new,
-                                  min_new_tokens=new, pad_token_id=0)
-            return (out.shape[1] - ids.shape[1]) * out.shape[0]
+        hf_run = lambda: hf_generate(hf, ids.tolist(), n, new, 1.0, pad=0)  # noqa: E731
         variants = [("engine, CUDA graphs", engine_run(True)), ("engine, no graphs", engine_run(False)),
                     ("transformers generate", hf_run)]
         if device.type != "cuda":
