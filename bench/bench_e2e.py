@@ -42,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import Wall, add_no_write, emit, fixed_work, markdown_table, memory_now, publish, ratio, run_child  # noqa: E402
+from benchlib import (Wall, add_no_write, emit, fixed_work, markdown_table, memory_now, publish, ratio,  # noqa: E402
+                      run_child)
 
 SEED = 0
 LR = 1e-6

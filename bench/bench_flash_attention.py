@@ -33,7 +33,8 @@ from shapes import shape  # noqa: E402
 VARIANTS = ["sdpa", "ours", "flash_attn"]
 # --shapes name -> its model's (query heads, KV heads, head_dim), from bench/shapes.py
 SHAPES = {name: (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) for name, cfg in
-          [("smollm2-135m", shape("smollm2-135m")), ("llama-1b", shape("llama-3.2-1b")), ("llama-8b", shape("llama-3.1-8b"))]}
+          [("smollm2-135m", shape("smollm2-135m")), ("llama-1b", shape("llama-3.2-1b")),
+           ("llama-8b", shape("llama-3.1-8b"))]}
 
 
 def parse():

@@ -24,8 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import (bench_parser, default_device, fwd_bwd_table, lm_head_matmuls, main_or_child, publish,  # noqa: E402
-                      ratio, run_all)
+from benchlib import (bench_parser, default_device, fwd_bwd_table, lm_head_matmuls, main_or_child,  # noqa: E402
+                      publish, ratio, run_all)
 
 VARIANTS = {"grpo": ["naive", "compiled", "ours"], "fused": ["naive", "compiled", "liger", "ours", "matmuls"]}
 MODES = ["fwd", "fwdbwd"]

@@ -74,7 +74,8 @@ def add_no_write(p: argparse.ArgumentParser) -> None:
                    help="print the results without writing them into bench/RESULTS.md")
 
 
-def bench_parser(doc: str, variants: list[str] | None = None, reps: tuple[int, int] = (10, 3)) -> argparse.ArgumentParser:
+def bench_parser(doc: str, variants: list[str] | None = None,
+                 reps: tuple[int, int] = (10, 3)) -> argparse.ArgumentParser:
     """The options of every bench built on run_all: --dtype (bf16 on CUDA, fp32 on CPU), --reps (reps[0] on
     CUDA, reps[1] on CPU), --variants (when given the bench's variants) and --no-write. The bench reads them
     with parse_known_args: its children get run_all's --child arguments too."""

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 import shapes  # noqa: E402
-from benchlib import emit, lm_head_matmuls, markdown_table as table, run_child, run_pytest, time_fn, versions  # noqa: E402
+from benchlib import (emit, lm_head_matmuls, markdown_table as table, run_child, run_pytest, time_fn,  # noqa: E402
+                      versions)
 from shapes import SHAPES, describe, shape as model_shape  # noqa: E402
 
 from rlvr_fast.model.config import LlamaConfig  # noqa: E402
