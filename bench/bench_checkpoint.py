@@ -1,7 +1,7 @@
 """What safe checkpoints cost: a full-fine-tuning checkpoint of the embedded SmolLM2-135M (fp32 weights,
 AdamW moments), saved with rlvr_fast.grpo.checkpointing.save_checkpoint and verified as --resume does.
 
-    python bench/bench_checkpoint.py [--reps 5] [--dir /path/on/the/disk/to/measure]
+    python bench/bench_checkpoint.py [--reps 5] [--dir /path/on/the/disk/to/measure] [--no-write]
 
 After one unmeasured save, per repetition, alternately: one save as shipped (files written and flushed with fsync, the manifest:
 SHA-256 of every file, then the renames, each flushed) and one plain save (the same files and renames,
@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import rlvr_fast  # noqa: E402
-from benchlib import append_results  # noqa: E402
+from benchlib import add_no_write, publish, timed  # noqa: E402
 from rlvr_fast.checkpoint import durable  # noqa: E402
 from rlvr_fast.grpo import checkpointing  # noqa: E402
 
@@ -35,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
+    add_no_write(parser)
     a = parser.parse_args()
     model, tok = rlvr_fast.load_pretrained()
     params = list(model.parameters())
@@ -49,10 +49,8 @@ def main() -> None:
     real_write_manifest = checkpointing.write_manifest
 
     def timed_manifest(directory: Path) -> dict:
-        t0 = time.perf_counter()
-        out = real_write_manifest(directory)
-        manifest_times.append(time.perf_counter() - t0)
-        return out
+        with timed(manifest_times):
+            return real_write_manifest(directory)
 
     real_fsync = os.fsync
 
@@ -69,21 +67,17 @@ def main() -> None:
         out = Path(tmp)
         plain_save(out / "warm-up", 0)  # first-call costs (imports, allocator) out of the measured saves
         for rep in range(a.reps):
-            t0 = time.perf_counter()
-            plain_save(out / "plain", rep + 1)
-            plains.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ckpt = checkpointing.save_checkpoint(out / "safe", rep + 1, model, tok, state, keep=1)
-            saves.append(time.perf_counter() - t0)
+            with timed(plains):
+                plain_save(out / "plain", rep + 1)
+            with timed(saves):
+                ckpt = checkpointing.save_checkpoint(out / "safe", rep + 1, model, tok, state, keep=1)
             files = [f for f in ckpt.iterdir() if f.name != durable.MANIFEST]
             size = sum(f.stat().st_size for f in files)
-            t0 = time.perf_counter()
-            for f in files:
-                durable.file_digest(f)
-            hashes.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            checkpointing.verify_checkpoint(ckpt)
-            verifies.append(time.perf_counter() - t0)
+            with timed(hashes):
+                for f in files:
+                    durable.file_digest(f)
+            with timed(verifies):
+                checkpointing.verify_checkpoint(ckpt)
     med = statistics.median
     save, plain, manifest, sha, verify = med(saves), med(plains), med(manifest_times), med(hashes), med(verifies)
     body = (f"Full-fine-tuning checkpoint of SmolLM2-135M-Instruct (embedded), fp32 weights + AdamW moments: "
@@ -98,8 +92,8 @@ def main() -> None:
             f"| SHA-256 alone, page cache warm | {sha:.2f} | {sha / plain:.2f}x | {size / sha / 1e9:.2f} |\n"
             f"| verify_checkpoint (what --resume adds before loading) | {verify:.2f} | {verify / plain:.2f}x | "
             f"{size / verify / 1e9:.2f} |")
-    print(append_results("Checkpoint save and verify: the cost of manifests and fsync (cpu)", body, "cpu",
-                         method="wall clock of each phase, medians over the saves; a shared machine: rough"))
+    publish("Checkpoint save and verify: the cost of manifests and fsync (cpu)", body, "cpu", not a.no_write,
+            method="wall clock of each phase, medians over the saves; a shared machine: rough")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python bench/bench_e2e.py                            # 2 prompts x G=8 x 64 new tokens, fp32, K=3 timed steps
     python bench/bench_e2e.py --dtype bfloat16 --no-second-ours   # both sides in bf16
-    python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-append
+    python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-write
 
 Both trainers: the embedded default model (SmolLM2-135M-Instruct, the HF-layout directory of
 rlvr_fast.checkpoint.default_model.default_model_dir()), on CPU in one precision (--dtype: fp32, or bf16:
@@ -31,12 +31,9 @@ sides, so the generated and trained token counts are equal by construction.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MARK = "BENCH_E2E_RESULT "
+from benchlib import (Wall, add_no_write, emit, fixed_work, markdown_table, memory_now, publish, ratio,  # noqa: E402
+                      run_child)
+
 SEED = 0
 LR = 1e-6
 BETA = 0.04
@@ -53,11 +52,7 @@ TEMPERATURE = 1.0
 
 
 def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    return float("nan")
+    return memory_now("cpu") / 1e9
 
 
 def peak_rss_gb() -> float:
@@ -82,25 +77,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     from rlvr_fast.checkpoint.default_model import default_model_dir
     from rlvr_fast.grpo.config import TrainConfig
 
-    notes = []
-    if args.all_groups:  # train on zero-signal groups too (zero advantage), like TRL
-        orig_adv = trainer_mod.group_advantages
-
-        def all_groups(rewards, scale):
-            adv, zero_std = orig_adv(rewards, scale)
-            return adv, torch.zeros_like(zero_std)
-
-        trainer_mod.group_advantages = all_groups
-        notes.append("zero-std groups kept")
-    if args.child_ignore_eos:
-        orig_sp = trainer_mod.SamplingParams
-
-        def sp_ignore_eos(*a, **kw):
-            kw["ignore_eos"] = True
-            return orig_sp(*a, **kw)
-
-        trainer_mod.SamplingParams = sp_ignore_eos
-        notes.append("EOS ignored")
+    notes = fixed_work(trainer_mod, args.all_groups, args.child_ignore_eos)  # like TRL: trains tied groups too
     rss_imports = rss_gb()
     torch.manual_seed(SEED)
     out_dir = Path(tempfile.mkdtemp(prefix="bench_e2e_ours_"))
@@ -238,27 +215,14 @@ def trl_available() -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def run_child(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False,
-              extra: tuple[str, ...] = ()) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--prompts", str(args.prompts),
+def run_variant(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False,
+                extra: tuple[str, ...] = ()) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--prompts", str(args.prompts),
            "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
-           "--dtype", args.dtype, *extra]
-    if all_groups:
-        cmd.append("--all-groups")
-    if ignore_eos:
-        cmd.append("--child-ignore-eos")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        print(f"  {kind} failed (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160], "wall_s": wall}
-    res = json.loads(lines[-1][len(MARK):])
-    res["wall_s"] = wall
-    return res
+           "--dtype", args.dtype, *extra, *(["--all-groups"] if all_groups else []),
+           *(["--child-ignore-eos"] if ignore_eos else [])]
+    return run_child(cmd, {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                     label=kind)
 
 
 def summarize(res: dict) -> dict:
@@ -280,7 +244,7 @@ def main() -> None:
     ap.add_argument("--second-ours", action=argparse.BooleanOptionalAction, default=True,
                     help="run ours again after TRL")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of both sides")
-    ap.add_argument("--no-append", action="store_true", help="print the table only")
+    add_no_write(ap)
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--all-groups", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-ignore-eos", action="store_true", help=argparse.SUPPRESS)
@@ -289,14 +253,10 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.child:
-        res = (child_ours if args.child == "ours" else child_trl)(args)
-        print(MARK + json.dumps(res), flush=True)
+        emit((child_ours if args.child == "ours" else child_trl)(args))
         return
 
-    import torch  # noqa: F401  (versions below)
-
-    load_start = os.getloadavg()
-    t_start = time.perf_counter()
+    wall = Wall()
     missing = trl_available()
     if missing:
         print(f"NOTE: trl is not installed or does not import ({missing}); measuring ours only. "
@@ -318,16 +278,13 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, kind, all_groups, ignore_eos, _ in plan:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_child(kind, args, all_groups=all_groups, ignore_eos=ignore_eos)
+        results[name] = run_variant(kind, args, all_groups=all_groups, ignore_eos=ignore_eos)
         if "error" not in results[name]:
             s = summarize(results[name])
             print(f"  {name}: median {s['median']:.2f} s/step, mean {s['mean']:.2f}, {s['tokens']:.0f} completion "
                   f"tokens/step, peak RSS {s['peak']:.2f} GB (child wall {results[name]['wall_s']:.0f} s)",
                   file=sys.stderr, flush=True)
     load_end = os.getloadavg()
-    total = time.perf_counter() - t_start
-
-    from benchlib import markdown_table, ratio
 
     baselines = {"EOS": results.get("TRL"), "noeos": results.get("TRL, EOS ignored")}
     rows, details = [], []
@@ -384,32 +341,16 @@ def main() -> None:
             f"'process CPU time / wall' of 2.0 means both cores worked for this process all step long; lower values "
             f"mean waiting or other load on the machine.\n\n"
             + table + "\n\nPer variant:\n" + "\n".join(details)
-            + f"\n\nLoad average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_start)}, at end "
-            f"{tuple(round(x, 2) for x in load_end)}; total {total / 60:.1f} min.")
+            + "\n\n" + wall.note())
     if missing:
         body += f"\n\nTRL not measured: {missing}."
-
-    import benchlib
-
-    base_versions = benchlib.versions()
-    extra_versions = []
-    for mod in ("transformers", "trl", "accelerate", "datasets"):
-        try:
-            extra_versions.append(f"{mod} {__import__(mod).__version__}")
-        except Exception:
-            extra_versions.append(f"{mod} not installed")
-    benchlib.versions = lambda: base_versions + ", " + ", ".join(extra_versions)  # header line of this section only
-    benchlib.MEMORY_METHOD["e2e"] = (
-        f"here not interleaved: each variant in its own fresh process, run one after another in the order of the "
-        f"table; 1 warm-up step then {args.steps} timed steps (ours: train_step() wall time; TRL: TrainerCallback "
-        f"on_step_begin -> on_step_end); peak memory = peak RSS of that process (getrusage ru_maxrss, model "
-        f"loading included); load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} "
-        f"(machine possibly shared)")
-    if args.no_append:
-        print(body)
-    else:
-        title = f"GRPO step: ours vs TRL GRPOTrainer, {args.new_tokens} new tokens, {args.dtype}"  # one section each
-        print(benchlib.append_results(title, body, "e2e"))
+    method = (f"median of timed steps, not interleaved: each variant in its own fresh process, run one after another "
+              f"in the order of the table; 1 warm-up step then {args.steps} timed steps (ours: train_step() wall time; "
+              f"TRL: TrainerCallback on_step_begin -> on_step_end); peak memory = peak RSS of that process (getrusage "
+              f"ru_maxrss, model loading included); load average at start {wall.load[0]:.2f}, at end "
+              f"{load_end[0]:.2f} (machine possibly shared)")
+    publish(f"GRPO step: ours vs TRL GRPOTrainer, {args.new_tokens} new tokens, {args.dtype}", body, "cpu",
+            not args.no_write, method=method, packages=("transformers", "trl", "accelerate", "datasets"))
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
 from bench_grpo_loss import batch  # noqa: E402
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import (bench_parser, default_device, fmt_mib, fmt_ms, lm_head_matmuls, main_or_child,  # noqa: E402
+                      markdown_table, publish, ratio, run_all)
 
 LOSS_VARIANTS = ["naive", "trl", "liger", "ours", "matmuls"]
 BETA = 0.04
@@ -45,24 +45,19 @@ BETA = 0.04
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, LOSS_VARIANTS, reps=(10, 2))
     p.add_argument("--parts", default="import,loss,step")
     p.add_argument("--sizes", default="16384x128256,4096x128256,16384x49152,4096x49152" if cuda
                    else "4096x49152,16384x49152,4096x128256,16384x128256", help="comma-separated NxV")
     p.add_argument("--h", type=int, default=4096 if cuda else 576, help="hidden size")
     p.add_argument("--t", type=int, default=256, help="tokens per completion (N = B x T)")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=10 if cuda else 2)
-    p.add_argument("--variants", default=",".join(LOSS_VARIANTS))
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="skip a variant whose [N, V] tensors would pass this (default: 60%% of RAM / GPU memory)")
     p.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)  # set per size for the children
     p.add_argument("--v", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--step-steps", type=int, default=3, help="timed TRL steps per process (step part)")
     p.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="step part precision")
-    p.add_argument("--no-write", action="store_true", help="print the tables without appending to RESULTS.md")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 # ----------------------------------------------------------------------------- import
@@ -127,9 +122,7 @@ def make(variant: str, mode: str, device: str):
     _, old, ref, adv, mask = batch(b, t, device)  # bench_grpo_loss's: log-probs near each other, ~10% padding
 
     if variant == "matmuls":
-        hd, wd = hid.detach().view(n, h_dim), w.detach()
-        logits = hd @ wd.T
-        return (lambda: (hd @ wd.T, logits @ wd, logits.T @ hd)), {}
+        return lm_head_matmuls(hid, w), {}
     if variant == "ours":
         call = lambda: fused_linear_grpo_loss(hid, w, y, old, ref, adv, mask, beta=BETA, return_entropy=True)[0]  # noqa: E731
     elif variant == "naive":
@@ -163,9 +156,9 @@ def loss_part(a, device: str) -> str:
     for size in a.sizes.split(","):
         n, v = (int(x) for x in size.lower().split("x"))
         print(f"bench_embed loss on {device}: N={n} H={a.h} V={v} {a.dtype}", file=sys.stderr, flush=True)
-        extra = [x for x in sys.argv[1:]] + ["--n", str(n), "--v", str(v)]
+        extra = [*sys.argv[1:], "--n", str(n), "--v", str(v)]
         res = run_all(os.path.abspath(__file__), variants, ["fwdbwd"], device, a.reps, extra)
-        get = lambda var, k: res.get((var, "fwdbwd"), {}).get(k)  # noqa: E731
+        get = lambda var, k: res.of(var, "fwdbwd", k)  # noqa: E731
         rows = []
         for var in variants:
             skip = get(var, "skip")
@@ -208,7 +201,7 @@ def step_part(a) -> str:
     for _ in range(2):
         for head in ("trl", "ours"):
             print(f"bench_embed step: TRL GRPOTrainer with {head} head ...", file=sys.stderr, flush=True)
-            res = bench_e2e.run_child("trl", e2e, extra=("--trl-head", head, "--no-kl-bias-correction"))
+            res = bench_e2e.run_variant("trl", e2e, extra=("--trl-head", head, "--no-kl-bias-correction"))
             if "error" in res:
                 return f"The {head} run failed: {res['error']}"
             runs[head].append(res)
@@ -241,36 +234,20 @@ def step_part(a) -> str:
 
 def main():
     a = parse()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     parts = a.parts.split(",")
     t0 = time.perf_counter()
     if "import" in parts:
-        body = import_part()
-        print(body)
-        if not a.no_write:
-            append_results("Embedding: import rlvr_fast.kernels", body, device)
-    try:  # the TRL version goes into every section's header: both the loss and the step compare against it
-        import trl
-        base = benchlib.versions()
-        benchlib.versions = lambda: f"{base}, trl {trl.__version__}"
-    except ImportError:
-        pass
+        publish("Embedding: import rlvr_fast.kernels", import_part(), device, not a.no_write)
+    # the TRL version goes into the headers of the sections that compare against it
     if "loss" in parts:
-        body = loss_part(a, device)
-        print(body)
-        if not a.no_write:
-            append_results(f"Embedding: GRPO loss from hidden states vs TRL's fused head, {a.dtype}", body, device)
+        publish(f"Embedding: GRPO loss from hidden states vs TRL's fused head, {a.dtype}", loss_part(a, device),
+                device, not a.no_write, packages=("trl",))
     if "step" in parts:
-        body = step_part(a)
-        print(body)
-        if not a.no_write:
-            append_results("Embedding: one TRL GRPOTrainer step, TRL's head vs ours", body, device)
+        publish("Embedding: one TRL GRPOTrainer step, TRL's head vs ours", step_part(a), device, not a.no_write,
+                packages=("trl",))
     print(f"bench_embed: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

@@ -19,7 +19,6 @@ TFLOPS counts the attended pairs only, flash-attn's convention: forward 4 * B * 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,25 +26,25 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import (Wall, bench_parser, default_device, fmt_mib, fmt_ms, main_or_child, markdown_table,  # noqa: E402
+                      publish, ratio, run_all)
+from shapes import shape  # noqa: E402
 
 VARIANTS = ["sdpa", "ours", "flash_attn"]
-SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}  # Hq, Hkv, D
+# --shapes name -> its model's (query heads, KV heads, head_dim), from bench/shapes.py
+SHAPES = {name: (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) for name, cfg in
+          [("smollm2-135m", shape("smollm2-135m")), ("llama-1b", shape("llama-3.2-1b")),
+           ("llama-8b", shape("llama-3.1-8b"))]}
 
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, VARIANTS)
     p.add_argument("--shapes", default="llama-1b,llama-8b" if cuda else "smollm2-135m",
                    help=f"comma-separated, from {list(SHAPES)}")
     p.add_argument("--lengths", default="1024,2048,4096,8192" if cuda else "256,1024")
     p.add_argument("--tokens", type=int, default=16384 if cuda else 2048, help="total tokens per call (B * L)")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=10 if cuda else 3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--no-write", action="store_true")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 def make(variant: str, mode: str, device: str):
@@ -99,15 +98,14 @@ def make(variant: str, mode: str, device: str):
 
 def main():
     a = parse()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     variants = a.variants.split(",")
     shapes, lengths = a.shapes.split(","), [int(x) for x in a.lengths.split(",")]
     modes = [f"{s}:{n}:{w}" for s in shapes for n in lengths for w in ("fwd", "fwdbwd")]
     print(f"bench_flash_attention on {device}: {shapes} L={lengths} {a.tokens} tokens {a.dtype}", file=sys.stderr)
-    load_start = os.getloadavg()
+    wall = Wall()
     res = run_all(os.path.abspath(__file__), variants, modes, device, a.reps, sys.argv[1:])
-    load = f"Load average (1, 5, 15 min) at start {load_start}, at end {os.getloadavg()}."
-    get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
+    get = res.of
     header = ["heads (Hq/Hkv x D)", "B x L", "variant", "fwd ms", "fwd+bwd ms", "fwd TFLOPS", "fwd+bwd TFLOPS",
               "fwd+bwd / sdpa", "fwd+bwd peak extra MiB"]
     rows = []
@@ -118,7 +116,7 @@ def main():
             fwd_flops = 4 * b * hq * n * n * d / 2
             for v in variants:
                 mf, mb = f"{s}:{n}:fwd", f"{s}:{n}:fwdbwd"
-                skip = res[v, mf].get("skip")
+                skip = get(v, mf, "skip")
                 if skip:
                     rows.append([f"{s} ({hq}/{hkv} x {d})", f"{b} x {n}", v, skip] + ["-"] * (len(header) - 4))
                     continue
@@ -136,16 +134,10 @@ def main():
                 "GPU. sdpa = torch's dense SDPA on [B, H, L, D].")
     body = (f"flash_attention, causal, {a.tokens} tokens per call as B sequences of L, {a.dtype} on {device}. "
             f"{what} TFLOPS count attended pairs (forward 2 matmuls over L^2/2 pairs; forward+backward 3.5x). "
-            f"{load}\n\n"
+            f"{wall.note()}\n\n"
             + markdown_table(header, rows))
-    print(body)
-    if not a.no_write:
-        append_results("flash_attention", body, device)
+    publish("flash_attention", body, device, not a.no_write)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

@@ -18,14 +18,14 @@ ref, mask) and 16 B/token more with the backward (write + read dL/dlogp, write t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import (bench_parser, default_device, fwd_bwd_table, lm_head_matmuls, main_or_child,  # noqa: E402
+                      publish, ratio, run_all)
 
 VARIANTS = {"grpo": ["naive", "compiled", "ours"], "fused": ["naive", "compiled", "liger", "ours", "matmuls"]}
 MODES = ["fwd", "fwdbwd"]
@@ -48,19 +48,15 @@ def variant_kwargs(variant: str, op: str, old, mask) -> dict:
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--ops", default="grpo,fused")
     p.add_argument("--b", type=int, default=None, help="completions (default 1024 for grpo, 8 / 64 for fused)")
     p.add_argument("--t", type=int, default=None, help="tokens per completion (default 1024 / 256)")
     p.add_argument("--h", type=int, default=4096 if cuda else 576)
     p.add_argument("--v", type=int, default=128256 if cuda else 49152)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=10 if cuda else 3)
     p.add_argument("--variant", default="grpo", choices=LOSS_VARIANTS, help="loss variant to time (default: grpo)")
     p.add_argument("--impls", default=None, help="comma-separated subset of the implementations (default: all)")
-    p.add_argument("--no-write", action="store_true")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 def shape(op: str, a) -> tuple[int, int]:
@@ -108,11 +104,7 @@ def make(variant: str, mode: str, device: str):
         w.requires_grad_(not fwd_only)
         inputs = [h, w]
         if variant == "matmuls":
-            hd, wd = h.detach().view(b * t, a.h), w.detach()
-            logits = hd @ wd.T
-            if fwd_only:
-                return (lambda: hd @ wd.T), {}
-            return (lambda: (hd @ wd.T, logits @ wd, logits.T @ hd)), {}
+            return lm_head_matmuls(h, w, backward=not fwd_only), {}
         if variant == "liger":
             if a.variant != "grpo":
                 return None, {"skip": "default loss only"}
@@ -138,7 +130,7 @@ def make(variant: str, mode: str, device: str):
 
 def main():
     a = parse()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     for op in a.ops.split(","):
         if op == "grpo" and a.variant == "entropy":
             print("bench_grpo_loss: skipping grpo (entropy_coef is an option of fused_linear_grpo_loss only)",
@@ -148,30 +140,14 @@ def main():
         variants = [v for v in VARIANTS[op] if a.impls is None or v in a.impls.split(",")]
         print(f"bench_grpo_loss [{op}, {a.variant}] on {device}: B={b} T={t}", file=sys.stderr)
         res = run_all(os.path.abspath(__file__), variants, MODES, device, a.reps, ["--op", op, *sys.argv[1:]])
-        get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
-        header = ["variant", "fwd ms", "fwd peak extra MiB", "fwd+bwd ms", "fwd+bwd peak extra MiB",
-                  "fwd time / naive", "fwd+bwd time / naive", "fwd+bwd memory / naive"]
+        header, extra = [], None
         if op == "fused":
-            header.append("fwd+bwd time / 3 matmuls")
-        if op == "grpo" and device == "cuda":
-            header += ["fwd GB/s", "fwd+bwd GB/s"]
-        rows = []
-        for v in variants:
-            skip = res[v, "fwd"].get("skip")
-            if skip:
-                rows.append([v, skip] + ["-"] * (len(header) - 2))
-                continue
-            row = [v, fmt_ms(get(v, "fwd", "time")), fmt_mib(get(v, "fwd", "mem")),
-                   fmt_ms(get(v, "fwdbwd", "time")), fmt_mib(get(v, "fwdbwd", "mem")),
-                   ratio(get(v, "fwd", "time"), get("naive", "fwd", "time")),
-                   ratio(get(v, "fwdbwd", "time"), get("naive", "fwdbwd", "time")),
-                   ratio(get(v, "fwdbwd", "mem"), get("naive", "fwdbwd", "mem"), 3)]
-            if op == "fused":
-                row.append(ratio(get(v, "fwdbwd", "time"), get("matmuls", "fwdbwd", "time")))
-            if op == "grpo" and device == "cuda":
-                row += [f"{16 * b * t / get(v, 'fwd', 'time') / 1e9:.0f}",
-                        f"{32 * b * t / get(v, 'fwdbwd', 'time') / 1e9:.0f}"]
-            rows.append(row)
+            header = ["fwd+bwd time / 3 matmuls"]
+            extra = lambda v: [ratio(res.of(v, "fwdbwd", "time"), res.of("matmuls", "fwdbwd", "time"))]  # noqa: E731
+        elif device == "cuda":
+            header = ["fwd GB/s", "fwd+bwd GB/s"]
+            extra = lambda v: [f"{16 * b * t / res.of(v, 'fwd', 'time') / 1e9:.0f}",  # noqa: E731
+                               f"{32 * b * t / res.of(v, 'fwdbwd', 'time') / 1e9:.0f}"]
         if op == "grpo":
             title, what = "grpo_loss", f"grpo_loss on [B, T] = [{b}, {t}] fp32 log-probs"
         else:
@@ -180,15 +156,9 @@ def main():
             title, what = f"{title} ({a.variant})", f"{what}, loss variant {a.variant}"
         body = (f"{what} on {device}. naive = kernels/reference.py (log_softmax of the full logits for the fused "
                 f"op); compiled = torch.compile of it; liger = LigerFusedLinearGRPOLoss; fwd under no_grad.\n\n"
-                + markdown_table(header, rows))
-        print(body)
-        if not a.no_write:
-            append_results(title, body, device)
+                + fwd_bwd_table(res, variants, header, extra))
+        publish(title, body, device, not a.no_write)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from benchlib import append_results, markdown_table  # noqa: E402
+from benchlib import add_no_write, markdown_table, publish  # noqa: E402
 
 # Per-SM limits (CUDA programming guide, compute capabilities 8.0 / 9.0 / 10.0).
 SM = {80: {"regs": 65536, "shared": 167936, "warps": 64}, 90: {"regs": 65536, "shared": 233472, "warps": 64},
@@ -42,7 +42,7 @@ def occupancy(arch: int, regs: int, shared: int, warps: int) -> tuple[int, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-write", action="store_true")
+    add_no_write(ap)
     args = ap.parse_args()
     from tests import test_flash_attention, test_gpu_compile
     from tests.gpu_compile import compile_in_subprocess
@@ -73,11 +73,9 @@ def main() -> None:
                          f"{(r['shared'] + r['shared_static']) / 1024:.1f}", f"{warps}/64 ({why})"])
     body = markdown_table(["kernel", "dtype / shape", "constants", "warps", "stages", "target", "registers", "spill B",
                            "shared KiB", "occupancy"], rows)
-    print(body)
-    if not args.no_write:
-        append_results("Triton kernels: registers, spills, shared memory and occupancy per GPU target", body, "cpu",
-                       method="compiled for each target on a CPU-only machine (tests/gpu_compile.py: Triton's own "
-                              "ptxas, resources from cuobjdump --dump-resource-usage); no GPU ran anything")
+    publish("Triton kernels: registers, spills, shared memory and occupancy per GPU target", body, "cpu",
+            not args.no_write, method="compiled for each target on a CPU-only machine (tests/gpu_compile.py: Triton's "
+                                      "own ptxas, resources from cuobjdump --dump-resource-usage); no GPU ran anything")
 
 
 if __name__ == "__main__":

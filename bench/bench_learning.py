@@ -27,11 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchlib  # noqa: E402
+from benchlib import markdown_table, publish, timed  # noqa: E402
 
 PLOTS = Path(__file__).resolve().parent / "learning"
 
@@ -64,10 +63,9 @@ def run(size: str, extra: list[str]) -> list[str]:
     out = Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_")) / "run"
     cmd = [sys.executable, "-m", "rlvr_fast.train", "--task", "multiply", *options, "--output", str(out)]
     print("running:", " ".join(cmd), flush=True)
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd)
-    seconds = time.perf_counter() - t0
+    load_before, seconds = os.getloadavg()[0], []
+    with timed(seconds):
+        proc = subprocess.run(cmd)
     load_after = os.getloadavg()[0]
     if proc.returncode != 0:
         raise SystemExit(f"{size}: the run failed (exit {proc.returncode}); its output is in {out}")
@@ -76,7 +74,7 @@ def run(size: str, extra: list[str]) -> list[str]:
     PLOTS.mkdir(exist_ok=True)
     shutil.copy(out / "plot.png", PLOTS / f"{size}.png")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    return [size, "`" + (" ".join(options) or "(defaults)") + "`", f"{seconds / 60:.1f} min",
+    return [size, "`" + (" ".join(options) or "(defaults)") + "`", f"{seconds[0] / 60:.1f} min",
             f"{load_before:.1f} / {load_after:.1f}", f"{evals[0]['size']}", fmt(before), fmt(cold), fmt(after),
             f"[plot](learning/{size}.png)"]
 
@@ -129,9 +127,9 @@ def main() -> None:
               "load avg before / after", "held-out problems", "accuracy before", "after cold start", "after GRPO",
               "plot"]
     for size in args.sizes:  # one section per size: a new run of one size replaces only that size's section
-        body = benchlib.markdown_table(header, [run(size, args.extra)])
-        print(benchlib.append_results(f"Learning multiplication {size}: held-out accuracy (bench_learning)", body,
-                                      "cpu", method=f"one run, wall time of the whole command; {os.cpu_count()} cores"))
+        publish(f"Learning multiplication {size}: held-out accuracy (bench_learning)",
+                markdown_table(header, [run(size, args.extra)]), "cpu",
+                method=f"one run, wall time of the whole command; {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

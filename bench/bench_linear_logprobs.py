@@ -12,14 +12,14 @@ bench_grpo_loss.py for its fused GRPO loss).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import (bench_parser, default_device, fwd_bwd_table, lm_head_matmuls, main_or_child,  # noqa: E402
+                      publish, ratio, run_all)
 
 VARIANTS = ["naive", "compiled", "ours", "matmuls"]
 MODES = ["fwd", "fwdbwd"]
@@ -27,16 +27,11 @@ MODES = ["fwd", "fwdbwd"]
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, VARIANTS)
     p.add_argument("--n", type=int, default=16384 if cuda else 4096)
     p.add_argument("--h", type=int, default=4096 if cuda else 576)
     p.add_argument("--v", type=int, default=128256 if cuda else 49152)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=10 if cuda else 3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--no-write", action="store_true", help="print the table without appending to RESULTS.md")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 def make(variant: str, mode: str, device: str):
@@ -53,11 +48,7 @@ def make(variant: str, mode: str, device: str):
     h.requires_grad_(not fwd_only)
     w.requires_grad_(not fwd_only)
     if variant == "matmuls":
-        logits = h.detach() @ w.detach().T
-        hd, wd = h.detach(), w.detach()
-        if fwd_only:
-            return (lambda: hd @ wd.T), {}
-        return (lambda: (hd @ wd.T, logits @ wd, logits.T @ hd)), {}  # memory: includes the [N, V] operand
+        return lm_head_matmuls(h, w, backward=not fwd_only), {}
     op = {"naive": linear_token_logprobs_ref, "ours": linear_token_logprobs,
           "compiled": torch.compile(linear_token_logprobs_ref)}[variant]
 
@@ -71,37 +62,17 @@ def make(variant: str, mode: str, device: str):
 
 def main():
     a = parse()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     variants = a.variants.split(",")
     print(f"bench_linear_logprobs on {device}: N={a.n} H={a.h} V={a.v} {a.dtype}", file=sys.stderr)
     res = run_all(os.path.abspath(__file__), variants, MODES, device, a.reps, sys.argv[1:])
-    get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
-    rows = []
-    for v in variants:
-        skip = res[v, "fwd"].get("skip")
-        if skip:
-            rows.append([v, skip] + ["-"] * 7)
-            continue
-        rows.append([v, fmt_ms(get(v, "fwd", "time")), fmt_mib(get(v, "fwd", "mem")),
-                     fmt_ms(get(v, "fwdbwd", "time")), fmt_mib(get(v, "fwdbwd", "mem")),
-                     ratio(get(v, "fwd", "time"), get("naive", "fwd", "time")),
-                     ratio(get(v, "fwdbwd", "time"), get("naive", "fwdbwd", "time")),
-                     ratio(get(v, "fwdbwd", "mem"), get("naive", "fwdbwd", "mem"), 3),
-                     ratio(get(v, "fwdbwd", "time"), get("matmuls", "fwdbwd", "time"))])
-    header = ["variant", "fwd ms", "fwd peak extra MiB", "fwd+bwd ms", "fwd+bwd peak extra MiB",
-              "fwd time / naive", "fwd+bwd time / naive", "fwd+bwd memory / naive", "fwd+bwd time / 3 matmuls"]
-    table = markdown_table(header, rows)
+    table = fwd_bwd_table(res, variants, ["fwd+bwd time / 3 matmuls"],
+                          lambda v: [ratio(res.of(v, "fwdbwd", "time"), res.of("matmuls", "fwdbwd", "time"))])
     body = (f"linear_token_logprobs, N={a.n} H={a.h} V={a.v} {a.dtype} on {device}. naive = "
             f"log_softmax((h @ W.T).float() / T).gather (kernels/reference.py); compiled = torch.compile of it; "
             f"matmuls = the GEMMs alone (1 fwd, 3 fwd+bwd); fwd runs under no_grad.\n\n{table}")
-    print(body)
-    if not a.no_write:
-        append_results("linear_token_logprobs", body, device)
+    publish("linear_token_logprobs", body, device, not a.no_write)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

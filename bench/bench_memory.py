@@ -33,19 +33,17 @@ P prompts x G samples x N tokens (EOS ignored), timed alternately round after ro
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import shapes  # noqa: E402  (bench/shapes.py)
+from benchlib import (Wall, add_no_write, emit, fixed_work, interleaved, markdown_table, memory_now,  # noqa: E402
+                      publish, ratio, run_child, timed)
 
-MARK = "BENCH_MEMORY_RESULT "
 BETA = 0.04
 VARIANTS = {  # name -> (lora_rank, grad_checkpoint)
     "full fine-tuning": (0, False),
@@ -61,42 +59,6 @@ GPU_SHAPES = "llama-3.2-1b,llama-3.2-3b,llama-3.1-8b,llama-13b-gqa,llama-34b-gqa
 # ----------------------------------------------------------------------------- children
 
 
-def _patch_trainer(trainer_mod) -> None:
-    """Train every group (zero advantage where rewards tie) and ignore EOS: fixed work per step."""
-    import torch
-
-    orig_adv, orig_sp = trainer_mod.group_advantages, trainer_mod.SamplingParams
-    trainer_mod.group_advantages = lambda rewards, scale: (orig_adv(rewards, scale)[0],
-                                                           torch.zeros(rewards.shape[0], dtype=torch.bool))
-    trainer_mod.SamplingParams = lambda *a, **kw: orig_sp(*a, **{**kw, "ignore_eos": True})
-
-
-def _memory_now(device) -> int:
-    import torch
-
-    from rlvr_fast.grpo.memory import status_kib
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else status_kib("VmRSS") * 1024
-
-
-def _random_llama(shape: str, device, dtype):
-    import torch
-
-    from rlvr_fast import LlamaForCausalLM
-    cfg = SHAPES[shape]
-    tied = cfg.tie_word_embeddings
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg).to(dtype)  # the dtype before allocating: no fp32 copy of a 70B model
-    model = model.to_empty(device=device)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=gen)
-    model._inv_freq = cfg.rope_inv_freq().to(device)
-    return model.eval()
-
-
 def child(args: argparse.Namespace) -> dict:
     import torch
 
@@ -107,7 +69,7 @@ def child(args: argparse.Namespace) -> dict:
     from rlvr_fast.grpo.memory import peak_memory_bytes, reset_peak_memory
     from rlvr_fast.tasks.multiply import MultiplyTask
 
-    _patch_trainer(trainer_mod)
+    fixed_work(trainer_mod)  # train every group and ignore EOS: the same work in every variant
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.child_shape:
@@ -124,24 +86,22 @@ def child(args: argparse.Namespace) -> dict:
     task = MultiplyTask(digits=(1, 1), curriculum=False)
     try:
         if args.child_shape:
-            model = _random_llama(args.child_shape, device, getattr(torch, dtype))
+            model = shapes.random_model(SHAPES[args.child_shape], device, getattr(torch, dtype))
             tok = rlvr_fast.Tokenizer.from_dir(default_model_dir())
         else:
             model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=getattr(torch, dtype))
         params = sum(p.numel() for p in model.parameters())
         trainer = trainer_mod.GRPOTrainer(cfg, model, tok, task, out_dir, device)
         est = trainer.memory_estimate
-        t0 = time.perf_counter()
-        warm = trainer.train_step()
-        warm_s = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        before = _memory_now(device)
+        seconds: list[float] = []
+        with timed(seconds, device):
+            warm = trainer.train_step()
+        before = memory_now(device)
         reset_peak_memory(device)
-        t0 = time.perf_counter()
-        m = trainer.train_step()
-        step_s = time.perf_counter() - t0
+        with timed(seconds, device):
+            m = trainer.train_step()
         peak = peak_memory_bytes(device)
+        warm_s, step_s = seconds
     except torch.cuda.OutOfMemoryError as exc:
         return {"oom": str(exc).splitlines()[0][:160]}
     return {"params": params, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -152,23 +112,12 @@ def child(args: argparse.Namespace) -> dict:
             "kv_blocks": trainer.engine.num_blocks, "threads": torch.get_num_threads()}
 
 
-def run_child(args: argparse.Namespace, variant: str | None = None, shape: str | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--prompts", str(args.prompts),
-           "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype]
-    cmd += ["--child-variant", variant] if variant else ["--child-shape", shape]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if args.device == "cpu":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
-        print(f"  {variant or shape} failed (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]}
-    res = json.loads(lines[-1][len(MARK):])
-    res["wall_s"] = time.perf_counter() - t0
-    return res
+def run_variant(args: argparse.Namespace, variant: str | None = None, shape: str | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--prompts", str(args.prompts),
+           "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+           *(["--child-variant", variant] if variant else ["--child-shape", shape])]
+    env = {"TOKENIZERS_PARALLELISM": "false", **({"MALLOC_MMAP_THRESHOLD_": "65536"} if args.device == "cpu" else {})}
+    return run_child(cmd, env, label=variant or shape)
 
 
 # ----------------------------------------------------------------------------- parent
@@ -179,12 +128,10 @@ def gb(n: float) -> str:
 
 
 def compare(args: argparse.Namespace) -> tuple[str, str, str]:
-    from benchlib import markdown_table, ratio
-
     results = {}
     for v in args.variants.split(","):
         print(f"running {v} ...", file=sys.stderr, flush=True)
-        results[v] = run_child(args, variant=v)
+        results[v] = run_variant(args, variant=v)
         print(f"  {v}: {results[v]}", file=sys.stderr, flush=True)
     base = results.get("full fine-tuning", {})
     rows, notes = [], []
@@ -203,7 +150,7 @@ def compare(args: argparse.Namespace) -> tuple[str, str, str]:
                      f"step {r['tokens']:.0f}; rollout / reference / update s {r['phases']} (warm-up step "
                      f"{r['warm_s']:.1f} s, measured step {r['step_s']:.1f} s, {r['threads']} threads; rough, shared CPU)")
     unit = "allocated" if args.device == "cuda" else "RSS"
-    table = markdown_table(["variant", "trainable params", f"{unit} before step GB", f"peak during step GB",
+    table = markdown_table(["variant", "trainable params", f"{unit} before step GB", "peak during step GB",
                             "peak - before GB", "peak vs full", "estimate: reference GB", "estimate: total GB"], rows)
     p, g, n = args.prompts, args.group, args.new_tokens
     body = (f"One GRPO train_step (rollout + rewards + reference log-probs + forward/backward + AdamW) after one "
@@ -225,12 +172,10 @@ def compare(args: argparse.Namespace) -> tuple[str, str, str]:
 
 
 def grow(args: argparse.Namespace) -> tuple[str, str, str]:
-    from benchlib import markdown_table
-
     rows, largest = [], None
     for shape in args.shapes.split(","):
         print(f"running {shape} ...", file=sys.stderr, flush=True)
-        r = run_child(args, shape=shape)
+        r = run_variant(args, shape=shape)
         print(f"  {shape}: {r}", file=sys.stderr, flush=True)
         desc = shapes.describe(SHAPES[shape])
         if "params" not in r:
@@ -253,8 +198,6 @@ def grow(args: argparse.Namespace) -> tuple[str, str, str]:
 
 def _time_projections(model, rounds: int) -> dict[str, float]:
     """Seconds per decode step of one layer's packed projections: adapters merged, unmerged, none."""
-    import statistics
-
     import torch
 
     from rlvr_fast.model.lora import lora_disabled
@@ -270,27 +213,24 @@ def _time_projections(model, rounds: int) -> dict[str, float]:
                  "unmerged": [PackedLinear(g, merge_fp32_adapters=False) for g in groups]}
         with lora_disabled(model):
             packs["adapters off"] = [PackedLinear(g) for g in groups]
-        times = {v: [] for v in packs}
-        for _ in range(rounds):
-            for v, ps in packs.items():
-                t0 = time.perf_counter()
+        def calls(ps):
+            def decode_steps():
                 for _ in range(20):
                     for p, x in zip(ps, xs):
                         p(x)
-                times[v].append((time.perf_counter() - t0) / 20)
-    return {v: statistics.median(t) for v, t in times.items()}
+            return decode_steps
+        times = interleaved({v: calls(ps) for v, ps in packs.items()}, rounds)
+    return {v: statistics.median(t) / 20 for v, t in times.items()}
 
 
 def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
     import functools
     import random
-    import statistics
 
     import torch
 
     import rlvr_fast
     import rlvr_fast.model.llama as llama_mod
-    from benchlib import markdown_table
     from rlvr_fast.checkpoint.default_model import default_model_dir
     from rlvr_fast.model.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
     from rlvr_fast.tasks.multiply import MultiplyTask
@@ -309,30 +249,26 @@ def rollout(args: argparse.Namespace) -> tuple[str, str, str]:
     engine = rlvr_fast.RolloutEngine(model, tok, num_blocks=256)
     shipped = llama_mod.PackedLinear
 
-    def run(variant: str) -> float:
-        t0 = time.perf_counter()
-        if variant == "unmerged":  # the bf16 policy, forced: adapters added per call
-            llama_mod.PackedLinear = functools.partial(shipped, merge_fp32_adapters=False)
-        try:
-            if variant == "adapters off":
-                with lora_disabled(model):
+    def run(variant: str):
+        def generate() -> None:
+            if variant == "unmerged":  # the bf16 policy, forced: adapters added per call
+                llama_mod.PackedLinear = functools.partial(shipped, merge_fp32_adapters=False)
+            try:
+                if variant == "adapters off":
+                    with lora_disabled(model):
+                        engine.generate(prompts, params, n=args.group)
+                else:
                     engine.generate(prompts, params, n=args.group)
-            else:
-                engine.generate(prompts, params, n=args.group)
-        finally:
-            llama_mod.PackedLinear = shipped
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            finally:
+                llama_mod.PackedLinear = shipped
+        return generate
 
     variants = ["as shipped", "unmerged", "adapters off"]
-    for v in variants:
-        run(v)  # warm-up
-    times = {v: [] for v in variants}
-    for _ in range(args.reps):
-        for v in variants:
-            times[v].append(run(v))
-            print(f"  {v}: {times[v][-1]:.2f} s", file=sys.stderr, flush=True)
+    fns = {v: run(v) for v in variants}
+    for fn in fns.values():
+        fn()  # warm-up
+    times = interleaved(fns, args.reps, device)
+    print(f"  rollout seconds per round: {times}", file=sys.stderr, flush=True)
     proj = _time_projections(model, args.reps * 10)
     tokens = args.prompts * args.group * args.new_tokens
     floor = statistics.median(times["adapters off"])
@@ -369,7 +305,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compare mode precision")
     ap.add_argument("--rollout", action="store_true", help="time LoRA rollouts: merged into packed copies vs unmerged vs base")
     ap.add_argument("--reps", type=int, default=3, help="rollout mode: alternating rounds")
-    ap.add_argument("--no-append", action="store_true", help="print the section only")
+    add_no_write(ap)
     ap.add_argument("--child-variant", help=argparse.SUPPRESS)
     ap.add_argument("--child-shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -377,20 +313,12 @@ def main() -> None:
     if args.new_tokens is None:
         args.new_tokens = 64 if grow_mode else 32
     if args.child_variant or args.child_shape:
-        print(MARK + json.dumps(child(args)), flush=True)
+        emit(child(args))
         return
 
-    load_start = os.getloadavg()
-    t0 = time.perf_counter()
+    wall = Wall()
     title, body, method = rollout(args) if args.rollout else grow(args) if grow_mode else compare(args)
-    load_end = os.getloadavg()
-    body += (f"\n\nLoad average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (machine shared); "
-             f"total {(time.perf_counter() - t0) / 60:.1f} min.")
-    import benchlib
-    if args.no_append:
-        print(body)
-    else:
-        print(benchlib.append_results(title, body, args.device.split(":")[0], method=method))
+    publish(title, body + "\n\n" + wall.note(), args.device.split(":")[0], not args.no_write, method=method)
 
 
 if __name__ == "__main__":

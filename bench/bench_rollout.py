@@ -2,8 +2,8 @@
 or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops.
 
     python bench/bench_rollout.py                      # 2 and 8 multiply prompts x n=8 x 64 new tokens, fp32
-    python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-append
-    python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-append
+    python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-write
+    python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-write
 
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import append_results, markdown_table  # noqa: E402
+from benchlib import add_no_write, default_device, interleaved, markdown_table, publish  # noqa: E402
 
 import rlvr_fast  # noqa: E402
 from rlvr_fast import RolloutEngine, SamplingParams  # noqa: E402
@@ -51,32 +49,17 @@ def prompts(tok, count: int) -> list[list[int]]:
     return out
 
 
-def hf_generate(hf, tok, ids: list[list[int]], n: int, new_tokens: int, temperature: float) -> int:
+def hf_generate(hf, ids: list[list[int]], n: int, new_tokens: int, temperature: float, pad: int) -> int:
+    """transformers' generate doing the engine's work: plain temperature sampling, n samples per prompt of exactly
+    new_tokens each (EOS ignored), prompts left-padded with `pad`. Returns the number of tokens generated."""
     width = max(map(len, ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids], device=hf.device)
     with torch.inference_mode():
         out = hf.generate(input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                           num_return_sequences=n, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           pad_token_id=pad)
     return (out.shape[1] - width) * out.shape[0]
-
-
-def time_alternating(fns: dict[str, Callable[[], int]], want: int, reps: int,
-                     sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Warm each fn up once (checking it generates `want` tokens), then time them in turns, `reps` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
-        assert fn() == want, f"{name} generated the wrong number of tokens"
-    for _ in range(reps):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
@@ -86,12 +69,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backends", action="store_true",
                     help="CPU: time the engine on the native ops vs on the PyTorch reference ops "
                          "(instead of vs transformers)")
-    ap.add_argument("--no-append", action="store_true", help="print the table only")
+    add_no_write(ap)
     args = ap.parse_args()
     if args.backends and args.device != "cpu":
         ap.error("--backends compares the CPU rollout ops: use --device cpu")
@@ -108,7 +91,6 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     rows = []
     for count in args.prompts:
@@ -121,7 +103,8 @@ def main() -> None:
             return sum(len(c.token_ids) for g in out for c in g)
 
         def run_hf() -> int:
-            return hf_generate(hf, tok, ids, args.n, args.max_new_tokens, args.temperature)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            return hf_generate(hf, ids, args.n, args.max_new_tokens, args.temperature, pad)
 
         want = count * args.n * args.max_new_tokens
         shape = f"{count} x {args.n} x {args.max_new_tokens}"
@@ -131,7 +114,10 @@ def main() -> None:
         else:
             names = ("engine", "transformers")
             fns = {"engine": run_engine, "transformers": run_hf}
-        times = time_alternating(fns, want, args.reps, sync)
+        for name, fn in fns.items():  # warm-up
+            if fn() != want:
+                raise RuntimeError(f"{name} generated the wrong number of tokens (not {want})")
+        times = interleaved(fns, args.reps, args.device)
         fast, ref = (statistics.median(times[name]) for name in names)
         st = engine.stats
         rows.append([shape, f"{want / fast:.0f}", f"{want / ref:.0f}", f"{ref / fast:.2f}x", f"{fast:.2f}",
@@ -158,11 +144,7 @@ def main() -> None:
                 "min_new_tokens=max_new_tokens.")
     header += ["engine steps (prefill + decode)", "preemptions"]
     body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
-    if args.no_append:
-        print(body)
-    else:
-        device = "cuda" if args.device == "cuda" else "cpu"
-        print(append_results(title, body, device))
+    publish(title, body, "cuda" if args.device == "cuda" else "cpu", not args.no_write)
 
 
 if __name__ == "__main__":

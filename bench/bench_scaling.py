@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import append_results, markdown_table  # noqa: E402
+from benchlib import markdown_table, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,10 +95,8 @@ def main() -> None:
             f"{args.dtype}, --shard {args.shard}, model {args.model or 'SmolLM2-135M-Instruct (embedded)'}, "
             f"median of steps {args.warmup + 1}..{args.steps}; speed-up and efficiency against {n0} "
             f"process(es).\n\n" + markdown_table(header, rows))
-    print(body)
-    if not args.cpu:
-        append_results("training throughput scaling (torchrun)", body, "cuda",
-                       method="rank 0's step times from metrics.jsonl, median after warm-up, one torchrun run per N")
+    publish("training throughput scaling (torchrun)", body, "cuda", not args.cpu,
+            method="rank 0's step times from metrics.jsonl, median after warm-up, one torchrun run per N")
 
 
 if __name__ == "__main__":

@@ -20,15 +20,15 @@ What:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import _run_child, append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
-from shapes import shape  # noqa: E402
+from benchlib import (bench_parser, default_device, fmt_mib, fmt_ms, main_or_child, markdown_table,  # noqa: E402
+                      publish, ratio, run_all)
+from shapes import random_model, shape  # noqa: E402
 
 VARIANTS = ["plain", "tree", "shared", "flex"]
 MODELS = {"135m": "smollm2-135m", "1b": "llama-3.2-1b"}  # --model -> bench/shapes.py (weights are random)
@@ -36,7 +36,7 @@ MODELS = {"135m": "smollm2-135m", "1b": "llama-3.2-1b"}  # --model -> bench/shap
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, VARIANTS, reps=(5, 2))
     p.add_argument("--what", default="layer,step", help="layer, step or both (comma-separated)")
     p.add_argument("--sizes", default=None, help="PxGxC,... for the layer (default: P 128, 1024 x G 8, 16 x C 256, "
                    "1024, 2048" + (", 8192" if cuda else "") + ")")
@@ -44,18 +44,13 @@ def parse():
                    "128x8x256,1024x8x256,128x8x1024,1024x8x1024 on CPU, where a full-size step takes minutes)")
     p.add_argument("--model", default="1b" if cuda else "135m", choices=sorted(MODELS))
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the step's model (default: the model's)")
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=5 if cuda else 2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in the measuring children (default: "
                    "torch's); 1 makes the comparison robust to other jobs on a shared machine")
     p.add_argument("--tree-max-tokens", type=int, default=9000, help="skip the tree mask above this group length")
-    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-mem", action="store_true", help="time only (each CPU memory child re-runs the case with "
                    "every large buffer its own mmap, which takes minutes for a whole step on a busy machine)")
     p.add_argument("--label", default="", help="a note for the results section (e.g. 'CPU shared with other jobs')")
-    p.add_argument("--no-write", action="store_true", help="print the table without appending to RESULTS.md")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 def default_sizes(cuda: bool) -> list[str]:
@@ -141,14 +136,13 @@ def make(variant: str, mode: str, device: str):
 
 
 def make_step(variant, batch, p, g, c, device, dtype, a):
-    from rlvr_fast import LlamaForCausalLM
     from rlvr_fast.grpo.batching import Sample, make_micro_batch
     from rlvr_fast.kernels import fused_linear_grpo_loss
     from rlvr_fast.model import attention as attn_mod
     from rlvr_fast.model.attention_reference import tree_mask_attention
 
     cfg = shape(MODELS[a.model], **({"num_hidden_layers": a.layers} if a.layers else {}))
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model = random_model(cfg, device, dtype).train()
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, 1000, (p,), generator=gen).tolist()
     samples = [Sample(prompt, torch.randint(3, 1000, (c + 1,), generator=gen).tolist(), float(i % 2) - 0.5, i, group=0)
@@ -173,22 +167,15 @@ def make_step(variant, batch, p, g, c, device, dtype, a):
 
 def main():
     a = parse()
-    from benchlib import sync  # noqa: F401
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     variants = [v for v in a.variants.split(",") if v]
-    script = os.path.abspath(__file__)
-    extra = [x for x in sys.argv[1:]]
     sections = []
     for what in a.what.split(","):
         sizes = (a.sizes if what == "layer" else a.step_sizes) or ",".join(
             default_sizes(device == "cuda") if what == "layer" or device == "cuda"
             else ["128x8x256", "1024x8x256", "128x8x1024", "1024x8x1024"])
         modes = [f"{what}:{s}" for s in sizes.split(",")]
-        if a.no_mem:
-            res = {(v, mode): r for mode in modes
-                   for v, r in _run_child(script, variants, mode, "time", device, a.reps, extra).items()}
-        else:
-            res = run_all(script, variants, modes, device, a.reps, extra)
+        res = run_all(os.path.abspath(__file__), variants, modes, device, a.reps, sys.argv[1:], memory=not a.no_mem)
         header = ["P x G x C"] + [f"{v} ms" for v in variants] + [f"{v} MiB" for v in variants] + \
                  ["shared vs plain (time)", "shared vs plain (mem)", "tree / shared (time)"]
         rows = []
@@ -219,14 +206,9 @@ def main():
             desc += f" Note: {a.label}."
         sections.append(f"{desc}\n\n" + markdown_table(header, rows))
     body = "\n\n".join(sections)
-    print(body)
-    if not a.no_write:
-        append_results(f"Shared-prompt training attention, {a.what}: shared vs plain packing vs tree mask", body, device)
+    publish(f"Shared-prompt training attention, {a.what}: shared vs plain packing vs tree mask", body, device,
+            not a.no_write)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

@@ -11,14 +11,13 @@ Liger-Kernel's row: -liger_cross_entropy(logits, targets, reduction="none") (CUD
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import append_results, fmt_mib, fmt_ms, markdown_table, ratio, run_all  # noqa: E402
+from benchlib import bench_parser, default_device, fwd_bwd_table, main_or_child, publish, run_all  # noqa: E402
 
 VARIANTS = ["naive", "compiled", "liger", "ours"]
 MODES = ["fwd", "fwdbwd"]
@@ -26,15 +25,10 @@ MODES = ["fwd", "fwdbwd"]
 
 def parse():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, VARIANTS)
     p.add_argument("--n", type=int, default=16384 if cuda else 2048)
     p.add_argument("--v", type=int, default=128256 if cuda else 49152)
-    p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
-    p.add_argument("--reps", type=int, default=10 if cuda else 3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--no-write", action="store_true")
-    args, _ = p.parse_known_args()
-    return args
+    return p.parse_known_args()[0]
 
 
 def make(variant: str, mode: str, device: str):
@@ -88,46 +82,27 @@ def device_bandwidth() -> tuple[float | None, float]:
 
 def main():
     a = parse()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     variants = a.variants.split(",")
     print(f"bench_token_logprobs on {device}: N={a.n} V={a.v} {a.dtype}", file=sys.stderr)
     res = run_all(os.path.abspath(__file__), variants, MODES, device, a.reps, sys.argv[1:])
-    get = lambda v, m, k: res.get((v, m), {}).get(k)  # noqa: E731
     nbytes = a.n * a.v * getattr(torch, a.dtype).itemsize
-    header = ["variant", "fwd ms", "fwd peak extra MiB", "fwd+bwd ms", "fwd+bwd peak extra MiB",
-              "fwd time / naive", "fwd+bwd time / naive", "fwd+bwd memory / naive"]
-    bw_note = ""
+    header, bw_note, peak = [], "", None
     if device == "cuda":
         peak, copy = device_bandwidth()
-        header += ["fwd GB/s", "fwd+bwd GB/s", "fwd+bwd % of peak"]
+        header = ["fwd GB/s", "fwd+bwd GB/s", "fwd+bwd % of peak"]
         bw_note = (f" Device bandwidth: peak {peak:.0f} GB/s (memory clock x bus width), " if peak else
                    " Device bandwidth: peak unknown, ") + f"measured copy {copy:.0f} GB/s."
-    rows = []
-    for v in variants:
-        skip = res[v, "fwd"].get("skip")
-        if skip:
-            rows.append([v, skip] + ["-"] * (len(header) - 2))
-            continue
-        row = [v, fmt_ms(get(v, "fwd", "time")), fmt_mib(get(v, "fwd", "mem")), fmt_ms(get(v, "fwdbwd", "time")),
-               fmt_mib(get(v, "fwdbwd", "mem")), ratio(get(v, "fwd", "time"), get("naive", "fwd", "time")),
-               ratio(get(v, "fwdbwd", "time"), get("naive", "fwdbwd", "time")),
-               ratio(get(v, "fwdbwd", "mem"), get("naive", "fwdbwd", "mem"), 3)]
-        if device == "cuda":
-            gbf = nbytes / get(v, "fwd", "time") / 1e9
-            gbb = 3 * nbytes / get(v, "fwdbwd", "time") / 1e9
-            row += [f"{gbf:.0f}", f"{gbb:.0f}", f"{100 * gbb / peak:.0f}%" if peak else "-"]
-        rows.append(row)
+
+    def bandwidth(v: str) -> list[str]:  # CUDA only
+        gbf = nbytes / res.of(v, "fwd", "time") / 1e9
+        gbb = 3 * nbytes / res.of(v, "fwdbwd", "time") / 1e9
+        return [f"{gbf:.0f}", f"{gbb:.0f}", f"{100 * gbb / peak:.0f}%" if peak else "-"]
     body = (f"token_logprobs, logits [{a.n}, {a.v}] {a.dtype} on {device}. naive = log_softmax(x.float() / T)"
             f".gather (kernels/reference.py); compiled = torch.compile of it; fwd under no_grad.{bw_note}\n\n"
-            + markdown_table(header, rows))
-    print(body)
-    if not a.no_write:
-        append_results("token_logprobs", body, device)
+            + fwd_bwd_table(res, variants, header, bandwidth if device == "cuda" else None))
+    publish("token_logprobs", body, device, not a.no_write)
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        from benchlib import child
-        child(make)
-    else:
-        main()
+    main_or_child(main, make)

@@ -11,15 +11,13 @@ GPU-compile tests build them for sm_80/sm_90/sm_100.)
 from __future__ import annotations
 
 import platform
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import append_results, markdown_table  # noqa: E402
+from benchlib import append_results, markdown_table, run_pytest  # noqa: E402
 
 TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py", "tests/test_kernels_grpo_loss.py",
          "tests/test_kernels_loss_variants.py", "tests/test_kernels_cuda_configs.py", "tests/test_kernels_api.py",
@@ -35,11 +33,7 @@ def compat_title(torch_version: str, triton_version: str) -> str:
 
 
 def main() -> int:
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=ROOT,
-                         capture_output=True, text=True)
-    lines = run.stdout.strip().splitlines()
-    summary = lines[-1] if lines else "(no output)"
-    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    rc, failed, summary = run_pytest(TESTS)
     rows = [[f"python {platform.python_version()}", f"torch {version('torch')}", f"triton {version('triton')}",
              f"numpy {version('numpy')}", summary.strip("= ")]]
     body = markdown_table(["python", "torch", "triton", "numpy", "kernel and model tests"], rows)
@@ -50,7 +44,7 @@ def main() -> int:
     append_results(compat_title(version("torch"), version("triton")), body, "cpu",
                    method="pytest on this interpreter's packages; CPU only (Triton interpreter, GPU compile "
                           "without a GPU)")
-    return run.returncode
+    return rc
 
 
 if __name__ == "__main__":

@@ -23,20 +23,13 @@ that fails or hangs still leaves the others' results in the report:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import json
-import math
-import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 import zlib
-import dataclasses
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +38,9 @@ sys.path.insert(0, str(ROOT))  # rlvr_fast from this checkout, tests.tiny for th
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
+import shapes  # noqa: E402
+from benchlib import (emit, lm_head_matmuls, markdown_table as table, run_child, run_pytest, time_fn,  # noqa: E402
+                      versions)
 from shapes import SHAPES, describe, shape as model_shape  # noqa: E402
 
 from rlvr_fast.model.config import LlamaConfig  # noqa: E402
@@ -71,41 +67,9 @@ def device_peaks(name: str) -> tuple[float | None, float | None]:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def random_model(shape: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Our LlamaForCausalLM with random weights (untied head), built directly on the device."""
-    from rlvr_fast import LlamaForCausalLM
-    cfg = dataclasses.replace(shape, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # wide enough that greedy choices are not near-ties
-            p.normal_(0, 1.0 / math.sqrt(p.shape[-1])) if p.dim() > 1 else p.fill_(1.0)
-    return model.to(dtype).eval()
+def random_model(shape: LlamaConfig, device: torch.device, dtype: torch.dtype):
+    """bench/shapes.py's random-weight model, with an untied head."""
+    return shapes.random_model(dataclasses.replace(shape, tie_word_embeddings=False), device, dtype)
 
 
 def save_random_checkpoint(model, path: Path) -> Path:
@@ -123,16 +87,9 @@ def save_random_checkpoint(model, path: Path) -> Path:
 def part_tests(args, device: torch.device) -> str:
     tests = [SMOKE_TEST] if args.smoke else [t for t in CUDA_TESTS if (ROOT / t).exists()]
     budget = 60 if args.smoke else PARTS["tests"] - 60
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
-        lines = (out.stdout + out.stderr).strip().splitlines()
-        verdict = f"exit {out.returncode}"
-    except subprocess.TimeoutExpired as exc:
-        lines = ((exc.stdout or b"").decode(errors="replace")).strip().splitlines()
-        verdict = f"timed out after {budget} s"
-    keep = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:30] + lines[-1:]
-    report = [f"`{' '.join(['python -m pytest -q'] + tests)}`: {verdict}", "", "```", *keep, "```", ""]
+    rc, failed, summary = run_pytest(tests, timeout=budget)
+    verdict = f"timed out after {budget} s" if rc is None else f"exit {rc}"
+    report = [f"`{' '.join(['python -m pytest -q'] + tests)}`: {verdict}", "", "```", *failed[:30], summary, "```", ""]
     report.append(model_parity(args, device))
     return "\n".join(report)
 
@@ -177,8 +134,8 @@ def part_kernels(args, device: torch.device) -> str:
 
     def add(op: str, what: str, ours, peer, peer_name: str, amount: float, unit: str):
         try:
-            t_ours = median_seconds(ours, device, reps)
-            t_peer = median_seconds(peer, device, reps) if peer else None
+            t_ours = time_fn(ours, device, reps=reps)
+            t_peer = time_fn(peer, device, reps=reps) if peer else None
         except Exception as exc:  # report and go on with the next op
             rows.append([op, what, f"error: {type(exc).__name__}: {str(exc)[:120]}", "", "", "", ""])
             return
@@ -206,11 +163,7 @@ def part_kernels(args, device: torch.device) -> str:
 
     hid = (torch.randn(n, h, device=device, generator=g) * 0.1).to(dt).requires_grad_()
     w = (torch.randn(v, h, device=device, generator=g) * 0.02).to(dt).requires_grad_()
-    go = torch.randn(n, v, device=device, generator=g).to(dt)
-
-    def matmuls():  # the bare work of any lm-head loss: logits, then d hidden and d weight
-        z = hid.detach() @ w.detach().T
-        return z, go @ w.detach(), go.T @ hid.detach()
+    matmuls = lm_head_matmuls(hid, w)  # the bare work of any lm-head loss: logits, then d hidden and d weight
     add("linear_token_logprobs", f"N {n}, H {h}, V {v} {dname} fwd+bwd",
         fwd_bwd(lambda: linear_token_logprobs(hid, w, tgt), hid, w), matmuls, "3 bare matmuls", 8 * n * h * v, "TFLOP/s")
     b, t = 16, n // 16
@@ -220,7 +173,7 @@ def part_kernels(args, device: torch.device) -> str:
     add("fused_linear_grpo_loss", f"N {n}, H {h}, V {v} {dname} fwd+bwd",
         fwd_bwd(lambda: fused_linear_grpo_loss(hid.view(b, t, h), w, tgt.view(b, t), old, old, adv, mask), hid, w),
         matmuls, "3 bare matmuls", 6 * n * h * v, "TFLOP/s")
-    del hid, w, go
+    del hid, w, matmuls
 
     lp = (torch.randn(64, 4096 if not args.smoke else 32, device=device, generator=g) - 5).requires_grad_()
     old2, m2, a2 = lp.detach() - 0.01, torch.ones_like(lp), torch.randn(64, device=device, generator=g)
@@ -277,6 +230,7 @@ def part_kernels(args, device: torch.device) -> str:
 
 def part_rollout(args, device: torch.device) -> str:
     import transformers
+    from bench_rollout import hf_generate
     from rlvr_fast import RolloutEngine, SamplingParams
     shape = SHAPES["tiny" if args.smoke else "llama-3.2-1b"]
     prompts, n, new = (2, 2, 8) if args.smoke else (8, 8, 256)
@@ -294,13 +248,7 @@ def part_rollout(args, device: torch.device) -> str:
             params = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True, seed=0)
             return lambda: sum(len(c.token_ids) for group in engine.generate(ids.tolist(), params, n=n) for c in group)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device).eval()
-
-        def hf_run():
-            with torch.inference_mode():
-                out = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=True,
-                                  temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=new,
-                                  min_new_tokens=new, pad_token_id=0)
-            return (out.shape[1] - ids.shape[1]) * out.shape[0]
+        hf_run = lambda: hf_generate(hf, ids.tolist(), n, new, 1.0, pad=0)  # noqa: E731
         variants = [("engine, CUDA graphs", engine_run(True)), ("engine, no graphs", engine_run(False)),
                     ("transformers generate", hf_run)]
         if device.type != "cuda":
@@ -310,7 +258,7 @@ def part_rollout(args, device: torch.device) -> str:
             got = fn()  # warm-up (and graph capture)
             if got != want:
                 raise RuntimeError(f"{name} generated {got} tokens, expected {want}")
-            secs[name] = median_seconds(fn, device, reps=2, warmup=0)
+            secs[name] = time_fn(fn, device, warmup=0, reps=2)
         base = secs["transformers generate"]
         rows = [[name, f"{want / t:.0f}", f"{base / t:.2f}x"] for name, t in secs.items()]
         del hf, model
@@ -404,31 +352,13 @@ PART_FNS = {"tests": part_tests, "kernels": part_kernels, "rollout": part_rollou
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def versions() -> str:
-    def of(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "none"
-    return ", ".join(f"{n} {of(n)}" for n in ("torch", "triton", "transformers", "flash-attn"))
-
-
 def run_part(name: str, args) -> tuple[str, str, float]:
     """Run one part in a child process under its time box; (status, markdown, seconds)."""
-    budget = 120 if args.smoke else PARTS[name]
-    with tempfile.NamedTemporaryFile("r", suffix=".md") as section:
-        cmd = [sys.executable, __file__, "--part", name, "--section", section.name] + (["--smoke"] if args.smoke else [])
-        t0 = time.perf_counter()
-        try:
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
-            status, log = ("ok" if out.returncode == 0 else f"failed (exit {out.returncode})"), out.stdout + out.stderr
-        except subprocess.TimeoutExpired as exc:
-            status, log = f"timed out after {budget} s", (exc.stdout or b"").decode(errors="replace")
-        body = Path(section.name).read_text()
-    if status != "ok" or not body:
-        tail = "\n".join(log.strip().splitlines()[-25:])
-        body = (body + "\n\n" if body else "") + f"```\n{tail}\n```"
-    return status, body, time.perf_counter() - t0
+    cmd = [sys.executable, __file__, "--part", name] + (["--smoke"] if args.smoke else [])
+    res = run_child(cmd, timeout=120 if args.smoke else PARTS[name], label=f"gpu_check {name}")
+    if "error" in res:  # its traceback, or what it printed before the time box closed
+        return res["failed"], f"```\n{res['log']}\n```", res["wall_s"]
+    return "ok", res["body"], res["wall_s"]
 
 
 def main() -> int:
@@ -437,18 +367,13 @@ def main() -> int:
     ap.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_check.md")
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)     # child: run one part
-    ap.add_argument("--section", type=Path, help=argparse.SUPPRESS)          # child: where its markdown goes
     args = ap.parse_args()
 
     if args.part:  # child process
         if not args.smoke and not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --smoke to check the script on the CPU)")
         device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-        try:
-            args.section.write_text(PART_FNS[args.part](args, device))
-        except Exception:
-            args.section.write_text("```\n" + traceback.format_exc()[-3000:] + "```")
-            return 1
+        emit({"body": PART_FNS[args.part](args, device)})  # a failure's traceback goes to stderr, into the report
         return 0
 
     if not args.smoke and not torch.cuda.is_available():
@@ -456,8 +381,8 @@ def main() -> int:
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "CPU (--smoke)"
     report = [f"# GPU check: {name}", "",
               f"`python bench/gpu_check.py{' --smoke' if args.smoke else ''}`, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, Python {platform.python_version()}, "
-              f"{versions()}.", ""]
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"{versions('transformers', 'flash-attn')}.", ""]
     summary = []
     for part in args.parts:
         status, body, secs = run_part(part, args)

@@ -1,12 +1,14 @@
 """Model shapes the benches build with random weights: one definition, as the LlamaConfig the model reads.
 
 Real models' widths (their config.json values that matter for speed and memory); `shape(name, **changes)` gives
-a copy with some fields changed (fewer layers, say).
+a copy with some fields changed (fewer layers, say); `random_model(cfg, ...)` builds one with random weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import torch
 
 from rlvr_fast.model.config import LlamaConfig
 
@@ -43,3 +45,26 @@ def describe(cfg: LlamaConfig) -> str:
     return (f"h {cfg.hidden_size}, i {cfg.intermediate_size}, {cfg.num_hidden_layers} layers, "
             f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads x {cfg.head_dim}, vocab {cfg.vocab_size}"
             f"{', tied' if cfg.tie_word_embeddings else ''}")
+
+
+def random_model(cfg: LlamaConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """Our LlamaForCausalLM of shape cfg with random weights, allocated once on `device` in `dtype` (no fp32 copy
+    of a large model first): norms 1, other weights N(0, 1 / in_features), wide enough that greedy choices
+    are not near-ties. Drawn in fp32 whatever the dtype, so a model in another dtype holds the same weights
+    rounded. In eval mode."""
+    from rlvr_fast import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gave the head its own storage
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model._inv_freq = cfg.rope_inv_freq()  # not a buffer (kept fp32): to_empty left it on the meta device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty(p.shape, device=device).normal_(0, p.shape[-1] ** -0.5, generator=gen))
+    return model.eval()
