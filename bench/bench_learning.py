@@ -103,14 +103,14 @@ def compare(runs: list[Path], title: str) -> None:
         rows.append([run_dir.name, *(str(cfg.get(k)) for k in varied), trail,
                      f"{evals[-1]['accuracy'] - evals[0]['accuracy']:+.3f}",
                      f"{sum(m['step_time_s'] for m in steps) / 60:.1f} min ({len(steps)} steps)"])
-    body = (benchlib.markdown_table(header, rows) + f"\n\nShared by all runs (config.json, where not the default): "
+    body = (markdown_table(header, rows) + f"\n\nShared by all runs (config.json, where not the default): "
             f"`{non_default(same)}`. Held-out problems per evaluation: {evals[0]['size']} (greedy, the same problems "
             "in every run). A run with fewer steps than --steps was stopped early.")
     source = Path(same.get("model") or "")
     if source.name == "cold-start" and (source.parent / "config.json").exists():  # the run that made the model
         body += f" Their model is the cold start of a run with `{non_default(json.loads((source.parent / 'config.json').read_text()))}`."
-    print(benchlib.append_results(title, body, "cpu", method="finished runs of the main command, read from their "
-                                  f"output directories; {os.cpu_count()} cores"))
+    publish(title, body, "cpu", method=f"finished runs of the main command, read from their output directories; "
+                                      f"{os.cpu_count()} cores")
 
 
 def main() -> None:
