@@ -55,3 +55,30 @@ def test_append_results_writes_through_record_section(tmp_path):
     second = benchlib.append_results("t", "| y |", "cpu", method="m", results=results, history=history)
     assert benchlib.split_sections(results.read_text())[1] == [second]
     assert benchlib.split_sections(history.read_text())[1] == [first]
+
+
+def test_learning_compare_tabulates_runs_from_their_files(tmp_path, monkeypatch):
+    """bench_learning --compare reads each run's config.json, eval.jsonl and metrics.jsonl: the options that
+    differ become columns, and the accuracy trail, gain and GRPO time come from the files."""
+    import json
+
+    import bench_learning
+    from rlvr_fast.grpo.config import TrainConfig
+
+    runs = []
+    for name, lr, accs in [("a", 3e-5, [0.25, 0.5]), ("b", 1e-4, [0.25, 0.125])]:
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**TrainConfig(lr=lr, beta=0.0).to_dict(), "output": str(run)}))
+        (run / "eval.jsonl").write_text("".join(json.dumps({"step": 3 * i, "set": "target", "size": 8, "accuracy": a})
+                                                + "\n" for i, a in enumerate(accs)))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_time_s": 30.0}) + "\n" for s in (1, 2, 3)))
+        runs.append(run)
+    published = []
+    monkeypatch.setattr(bench_learning, "publish", lambda title, body, *a, **kw: published.append(body))
+    bench_learning.compare(runs, "t")
+    table = published[0]
+    assert "| run | --lr | held-out accuracy by GRPO step | gain | GRPO steps' time |" in table
+    assert "| a | 3e-05 | 0: 0.250, 3: 0.500 | +0.250 | 1.5 min (3 steps) |" in table
+    assert "| b | 0.0001 | 0: 0.250, 3: 0.125 | -0.125 | 1.5 min (3 steps) |" in table
+    assert "`beta=0.0`" in table  # shared and not the default
