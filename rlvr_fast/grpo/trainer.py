@@ -342,19 +342,17 @@ class GRPOTrainer:
                measure_gap: bool = True) -> dict[str, Any]:
         """One GRPO optimizer step; measure_gap (the first pass over a rollout): also the sampler's log-probs
         against the trainer's and the exact entropy, from the same loss pass."""
-        cfg = self.cfg
+        cfg, loss_config = self.cfg, self.cfg.loss()
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             pick = lambda lp: None if lp is None else lp[rows, :mb.targets.shape[1]].contiguous()
             loss, stats, *logp = fused_linear_grpo_loss(
                 hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
-                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
-                num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
-                delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
-                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=measure_gap,
-                return_entropy=measure_gap)
+                config=loss_config, temperature=cfg.temperature,
+                num_tokens=num_tokens if cfg.loss_type == "dapo" else None,
+                rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
+                return_logprobs=measure_gap, return_entropy=measure_gap)
             # Per-completion means (grpo, dr_grpo) are weighted by completions, token sums (bnpo) by tokens;
             # dapo's loss is already divided by the step's token count. Statistics are token means.
             share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)
