@@ -57,11 +57,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("clip_low", "clip_high", "beta", "delta", "tis_cap", "entropy_coef"):
             value = getattr(self, name)
-            if value is None and name in ("delta", "tis_cap"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, Real):  # a tensor would sync the device per call
-                raise LossOptionError(name, f"must be a Python float, got {value!r}")
-            object.__setattr__(self, name, float(value))  # Triton specializes ints differently
+            if value is not None or name not in ("delta", "tis_cap"):  # None turns delta and tis_cap off
+                if isinstance(value, bool) or not isinstance(value, Real):  # e.g. a tensor: a host sync per call
+                    raise LossOptionError(name, f"must be a Python float, got {value!r}")
+                object.__setattr__(self, name, float(value))  # one Triton specialization (ints get their own)
         n = self.max_completion_len
         checks = (
             ("loss_type", self.loss_type in LOSS_TYPES, f"must be one of {LOSS_TYPES}, got {self.loss_type!r}"),
@@ -89,7 +88,6 @@ class LossConfig:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(LossConfig))
-DEFAULT = LossConfig()
 
 
 def loss_config(op: str, config: LossConfig | None, options: dict[str, Any]) -> LossConfig:
@@ -101,6 +99,6 @@ def loss_config(op: str, config: LossConfig | None, options: dict[str, Any]) -> 
     if unknown:
         raise TypeError(f"{op}: unknown option(s) {', '.join(unknown)}; the loss options are {', '.join(OPTION_NAMES)}")
     try:
-        return replace(config or DEFAULT, **options) if options else config or DEFAULT
+        return replace(config or LossConfig(), **options)
     except LossOptionError as e:
         raise ValueError(f"{op}: {e}") from None

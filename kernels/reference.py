@@ -36,18 +36,17 @@ def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
     return token_logprobs_ref(hidden @ weight.T, targets, temperature, return_entropy)
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_len, num_tokens):
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, o: LossConfig, num_tokens):
     """The loss_type's weighted token sum of per_token [B, T] (mask: 0/1 in per_token's dtype)."""
     b, t = mask.shape
-    if loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
+    if o.loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
-    if loss_type == "bnpo":    # mean over all real tokens
+    if o.loss_type == "bnpo":    # mean over all real tokens
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
-        return (per_token * mask).sum() / (b * (max_completion_len or t))
-    if loss_type == "dapo":    # sum over tokens / the generation batch's token count (or this batch's)
-        return (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
+    if o.loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
+        return (per_token * mask).sum() / (b * (o.max_completion_len or t))
+    # dapo: sum over tokens / the generation batch's token count (or this batch's)
+    return (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 
 def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
@@ -84,7 +83,7 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
         tis = torch.exp(old - clean(rollout_logprobs)).detach()
         tis_w = tis if tis_cap is None else torch.clamp(tis, max=tis_cap)
         per_token = per_token * tis_w
-    loss = _aggregate(per_token, mask, o.loss_type, o.max_completion_len, num_tokens)
+    loss = _aggregate(per_token, mask, o, num_tokens)
 
     count = mask.sum().clamp(min=1)
     clip_lo = (ratio < 1 - clip_low) & (adv < 0)
@@ -121,7 +120,7 @@ def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targe
         real = mask != 0
         ent = torch.where(real, ent.view(b, t), 0.0)
         m = real.to(ent.dtype)
-        loss = loss - o.entropy_coef * _aggregate(ent, m, o.loss_type, o.max_completion_len, num_tokens)
+        loss = loss - o.entropy_coef * _aggregate(ent, m, o, num_tokens)
         stats["loss"] = loss.detach()
         stats["entropy"] = (ent * m).sum().detach() / m.sum().clamp(min=1)
     return loss, stats

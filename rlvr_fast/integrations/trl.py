@@ -71,15 +71,13 @@ def _refuse(option: str, value, why: str) -> None:
 
 def check_config(args) -> None:
     """Refuse every GRPOConfig option that changes the loss in a way fused_linear_grpo_loss does not reproduce."""
-    trl_name = {"clip_low": "epsilon", "clip_high": "epsilon_high", "ratio_level": "importance_sampling_level",
-                "max_completion_len": "max_completion_length"}
-    try:  # the options fused_compute_loss maps onto the kernel's: LossConfig checks their values
-        LossConfig(loss_type=args.loss_type, clip_low=args.epsilon, beta=args.beta,
+    try:  # the options fused_compute_loss passes on: LossConfig checks their values
+        LossConfig(loss_type=args.loss_type, clip_low=args.epsilon, beta=args.beta, delta=args.delta,
                    clip_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                   ratio_level=args.importance_sampling_level, delta=args.delta,
-                   max_completion_len=args.max_completion_length)
+                   ratio_level=args.importance_sampling_level)
     except LossOptionError as e:
-        name = trl_name.get(e.option, e.option)
+        name = {"clip_low": "epsilon", "clip_high": "epsilon_high", "ratio_level": "importance_sampling_level"}.get(
+            e.option, e.option)
         _refuse(name, getattr(args, name), f"the fused loss's {e}")
     if args.top_entropy_quantile < 1.0:
         _refuse("top_entropy_quantile", args.top_entropy_quantile, "high-entropy token masking needs every "
