@@ -45,7 +45,7 @@ from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memor
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
-from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES
+from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES, LossConfig
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
 from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize, total_reward
@@ -134,7 +134,8 @@ def nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     token mean: each ratio exp(logp - logp.detach()) is exactly 1, inside the clip, so the [tokens, vocab]
     logits never exist here either; its value is -1, not the NLL, which comes from the same pass's log-probs."""
     loss, _, logp = fused_linear_grpo_loss(hidden, weight, targets, None, None, mask.new_ones(mask.shape[0]), mask,
-                                           beta=0.0, loss_type="bnpo", temperature=temperature, return_logprobs=True)
+                                           config=LossConfig(beta=0.0, loss_type="bnpo"), temperature=temperature,
+                                           return_logprobs=True)
     return loss, -(logp * mask).sum()
 
 
