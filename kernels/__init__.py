@@ -28,8 +28,8 @@ else:
     from .fused_linear_grpo_loss import fused_linear_grpo_loss
     from .grpo_loss import grpo_loss
     from .linear_token_logprobs import linear_token_logprobs
-    from .loss_options import LOSS_TYPES
+    from .loss_options import LOSS_TYPES, LossConfig
     from .token_logprobs import token_logprobs
 
-    __all__ = ["HAS_TRITON", "LOSS_TYPES", "fused_linear_grpo_loss", "grpo_loss", "linear_token_logprobs",
+    __all__ = ["HAS_TRITON", "LOSS_TYPES", "LossConfig", "fused_linear_grpo_loss", "grpo_loss", "linear_token_logprobs",
                "token_logprobs"]

@@ -64,11 +64,10 @@ import torch
 
 from ._common import check_index, check_temperature, log_path, pick_backend, row_config, tl, triton
 from ._rows import chunk_fwd, chunk_grad, grad_buffer, row_grad, row_grad_torch, row_stats
-from .grpo_loss import (LossTerms, check_grpo_args, grpo_core, grpo_token_terms, grpo_token_terms_torch, loss_weights,
+from .grpo_loss import (check_grpo_args, grpo_core, grpo_token_terms, grpo_token_terms_torch, loss_weights, scalar_args,
                         stats_dict, tis_weight, tis_weight_torch)
 from .linear_token_logprobs import check_linear_args, pick_chunk_size
-from .loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL,
-                           ENTROPY_STAT, STAT_NAMES, TIS_STAT_NAMES)
+from .loss_options import ENTROPY_STAT, STAT_NAMES, TIS_STAT_NAMES, LossConfig, loss_config
 
 OP = "fused_linear_grpo_loss"
 
@@ -144,7 +143,6 @@ class Tokens:
     row_w: torch.Tensor                # [B]
     mask: torch.Tensor                 # [B, T] float32
     T: int
-    ent_coef: float
     entropy: bool                      # compute each token's entropy (the bonus, or return_entropy)
     logp_out: torch.Tensor | None = None  # [N] fp32: filled with each token's logp (return_logprobs)
 
@@ -155,7 +153,7 @@ class Tokens:
 # ----------------------------------------------------------------------------- chunk helpers, both backends
 
 
-def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
+def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossConfig, write_grad):
     """Token-level path: logits [C, V] (fresh, overwritten by dL/dlogits when write_grad) -> stats [C, NS]."""
     c, v = logits.shape
     assert logits.stride(1) == 1
@@ -166,7 +164,7 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     _fused_grpo_rows_kernel[(c,)](logits, logits.stride(0), tk.targets, tk.old if tk.old is not None else dummy,
                                   tk.ref if tk.ref is not None else dummy, tk.roll if tk.roll is not None else dummy,
                                   tk.adv, tk.tok_w, stats, tk.logp_out if tk.logp_out is not None else dummy, row0,
-                                  tk.T, v, inv_t, *o.launch_args(), tk.ent_coef,
+                                  tk.T, v, inv_t, *scalar_args(o), o.entropy_coef,
                                   HAS_OLD=tk.old is not None, HAS_REF=tk.ref is not None,
                                   HAS_DELTA=o.delta is not None, HAS_TIS=tk.roll is not None, ENTROPY=entropy,
                                   WRITE_GRAD=write_grad, WRITE_LOGP=tk.logp_out is not None, NS=ns, BLOCK_V=block,
@@ -174,8 +172,7 @@ def _chunk_triton(logits, row0, tk: Tokens, inv_t, o: LossTerms, write_grad):
     return stats
 
 
-def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerms, ent_coef: float, entropy: bool,
-                 write_grad):
+def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossConfig, entropy: bool, write_grad):
     """Same as _chunk_triton on gathered per-token inputs (all real tokens); returns (stats [C, NS], dlogits, logp)."""
     logp, _, ent, logp_all = chunk_fwd("torch", logits, targets, inv_t, entropy)
     old = logp if old is None else old
@@ -184,12 +181,12 @@ def _chunk_torch(logits, inv_t, targets, old, ref, roll, adv, tok_w, o: LossTerm
     loss, dloss, kl, lo, hi = grpo_token_terms_torch(ratio, ratio, logp, ref, adv, tis_w, o)
     tok_loss = tok_w * loss
     if entropy:
-        tok_loss = tok_loss - ent_coef * (tok_w * ent)
+        tok_loss = tok_loss - o.entropy_coef * (tok_w * ent)
     cols = [tok_loss, kl, ratio, lo, hi] + ([tis_w, capped] if roll is not None else []) + ([ent] if entropy else [])
     stats = torch.stack(cols, dim=1)
     if not write_grad:
         return stats, None, logp
-    h = -ent_coef * tok_w if entropy else None
+    h = -o.entropy_coef * tok_w if entropy else None
     return stats, row_grad_torch(logp_all, targets, tok_w * dloss, h, ent, inv_t).to(logits.dtype), logp
 
 
@@ -220,8 +217,7 @@ def _token_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk, ba
         h = hidden.index_select(0, idx)
         pick = lambda x: None if x is None else x.index_select(0, idx)  # noqa: E731
         st, dlogits, logp = _chunk_torch(h @ weight.T, inv_t, pick(tk.targets), pick(tk.old), pick(tk.ref),
-                                         pick(tk.roll), pick(adv_tok), pick(tk.tok_w), o, tk.ent_coef, tk.entropy,
-                                         write_grad)
+                                         pick(tk.roll), pick(adv_tok), pick(tk.tok_w), o, tk.entropy, write_grad)
         stats[s:s + idx.numel()] = st
         if tk.logp_out is not None:
             tk.logp_out.index_copy_(0, idx, logp)
@@ -291,7 +287,7 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
         if entropy:
             w = tk.tok_w[tok]
             ent_sum = torch.where(w != 0, ent, 0.0).sum()
-            s_g = torch.cat([s_g[:1] - tk.ent_coef * (w * ent).sum(), s_g[1:], ent_sum[None]])
+            s_g = torch.cat([s_g[:1] - o.entropy_coef * (w * ent).sum(), s_g[1:], ent_sum[None]])
         sums = sums + s_g
         if not write_grad:
             continue
@@ -302,7 +298,7 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
                 buf = grad_buffer(backend, h_c @ weight.T, state, inv_t)
             pos = sel - r0 * t
             g = dlogp.view(-1)[pos].contiguous()
-            hh = (-tk.ent_coef * tk.tok_w[sel]).contiguous() if entropy else None
+            hh = (-o.entropy_coef * tk.tok_w[sel]).contiguous() if entropy else None
             dlogits = chunk_grad(backend, buf, tk.targets[sel], state, g, hh, en, inv_t, hidden.dtype)
             if grad_h is not None:
                 if tokens is None:
@@ -321,12 +317,12 @@ def _sequence_level(hidden, weight, tk: Tokens, inv_t, o, grad_h, grad_w, chunk,
 
 class FusedLinearGRPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, tk: Tokens, inv_t: float, o: LossTerms, need_h: bool, need_w: bool, chunk: int,
+    def forward(ctx, hidden, weight, tk: Tokens, inv_t: float, o: LossConfig, need_h: bool, need_w: bool, chunk: int,
                 backend: str):
         # hidden [N, H]; the per-token constants in tk (token n belongs to completion n // T).
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        loop = _sequence_level if o.seq else _token_level
+        loop = _sequence_level if o.sequence else _token_level
         sums = loop(hidden, weight, tk, inv_t, o, grad_h, grad_w, chunk, backend)
         ctx.grads = (grad_h, grad_w)
         ctx.mark_non_differentiable(sums)
@@ -349,25 +345,20 @@ class FusedLinearGRPOFunction(torch.autograd.Function):
 
 def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                           advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
-                           clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA,
-                           loss_type: str = DEFAULT_LOSS_TYPE, max_completion_len: int | None = None,
-                           num_tokens: int | torch.Tensor | None = None, ratio_level: str = DEFAULT_RATIO_LEVEL,
-                           delta: float | None = None,
-                           rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
-                           entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
-                           return_logprobs: bool = False, return_entropy: bool = False, backend: str = "auto"):
+                           advantages: torch.Tensor, mask: torch.Tensor, *, config: LossConfig | None = None,
+                           num_tokens: int | torch.Tensor | None = None, rollout_logprobs: torch.Tensor | None = None,
+                           temperature: float = 1.0, chunk_size: int | None = None, return_logprobs: bool = False,
+                           return_entropy: bool = False, backend: str = "auto", **options):
     """grpo_loss(linear_token_logprobs(hidden, weight, targets, temperature), ...) in one fused pass.
 
     Args:
         hidden: [B, T, H] hidden states predicting the completion tokens (or flat [B*T, H]).
         weight: [V, H] lm_head weight, same dtype/device as hidden.
         targets: [B, T] int64 completion token ids (any valid id at padding).
-        old_logprobs, ref_logprobs, advantages, mask, clip_low, clip_high, beta, loss_type,
-            max_completion_len, num_tokens, ratio_level, delta, rollout_logprobs, tis_cap: as in
-            `grpo_loss` (old/ref/rollout [B, T], advantages [B], mask [B, T]).
-        entropy_coef: subtract coef x the entropy of softmax(logits / T), aggregated with the
-            loss_type's token weights (see the module docstring); computed in the same pass.
+        old_logprobs, ref_logprobs, advantages, mask, config, **options, num_tokens, rollout_logprobs: as in
+            `grpo_loss` (old/ref/rollout [B, T], advantages [B], mask [B, T]); the options also take
+            entropy_coef: subtract coef x the entropy of softmax(logits / T), aggregated with the
+            loss_type's token weights (see the module docstring), computed in the same pass.
         temperature: the sampling temperature; log-probs are those of softmax(logits / T).
         chunk_size: tokens per chunk (default: from a memory budget, see linear_token_logprobs).
             With ratio_level="sequence" the default is at least T (whole completions per chunk);
@@ -384,6 +375,7 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         weight are computed in the forward (see the module docstring for the memory trade-off) and
         skipped under no_grad.
     """
+    o = loss_config(OP, config, options)
     check_linear_args(OP, hidden, weight)
     check_index(OP, "targets", targets)
     if targets.dim() != 2:
@@ -392,32 +384,27 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if tuple(hidden.shape[:-1]) not in ((b, t), (b * t,)):
         raise ValueError(f"{OP}: hidden must be [B, T, H] = [{b}, {t}, H] (or [B*T, H]) to match targets, "
                          f"got {list(hidden.shape)}")
-    terms = check_grpo_args(OP, {"hidden": hidden, "weight": weight, "targets": targets}, old_logprobs,
-                            ref_logprobs, advantages, mask, (b, t), clip_low=clip_low, clip_high=clip_high,
-                            beta=beta, loss_type=loss_type, max_completion_len=max_completion_len,
-                            num_tokens=num_tokens, ratio_level=ratio_level, delta=delta,
-                            rollout_logprobs=rollout_logprobs, tis_cap=tis_cap)
-    if isinstance(entropy_coef, torch.Tensor) or not isinstance(entropy_coef, (int, float)):
-        raise ValueError(f"{OP}: entropy_coef must be a Python float, got {entropy_coef!r}")
+    check_grpo_args(OP, {"hidden": hidden, "weight": weight, "targets": targets}, old_logprobs, ref_logprobs,
+                    advantages, mask, (b, t), o, num_tokens, rollout_logprobs)
     inv_t = 1.0 / check_temperature(OP, temperature)
     device = hidden.device
     backend = pick_backend(OP, backend, device)
 
-    row_w, count = loss_weights(mask, loss_type, max_completion_len, num_tokens)
+    row_w, count = loss_weights(mask, o, num_tokens)
     mask32 = mask.to(torch.float32).contiguous()
     tok_w = (row_w[:, None] * (mask32 != 0)).reshape(-1).contiguous()       # [N] weight of each token in L
     flat = lambda x: None if x is None else x.reshape(-1).float().contiguous()  # noqa: E731
     tk = Tokens(targets.reshape(-1).contiguous(), flat(old_logprobs), flat(ref_logprobs), flat(rollout_logprobs),
-                advantages.float().contiguous(), tok_w, row_w.float().contiguous(), mask32, t, float(entropy_coef),
-                entropy_coef != 0.0 or return_entropy)
+                advantages.float().contiguous(), tok_w, row_w.float().contiguous(), mask32, t,
+                o.entropy_coef != 0.0 or return_entropy)
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
     chunk = pick_chunk_size(b * t, weight.shape[0], device, weight.dtype, chunk_size)
-    if ratio_level == "sequence" and chunk_size is None:
+    if o.sequence and chunk_size is None:
         chunk = max(chunk, t)  # whole completions per chunk: one row's logits past the budget at most
     if return_logprobs:
         tk.logp_out = torch.zeros(b * t, device=device, dtype=torch.float32)
-    loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, terms,
+    loss, sums = FusedLinearGRPOFunction.apply(hidden.reshape(b * t, -1).contiguous(), weight, tk, inv_t, o,
                                                need_h, need_w, chunk, backend)
     names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ()) + \
         ((ENTROPY_STAT,) if tk.entropy else ())

@@ -61,29 +61,10 @@ advantages are treated as constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ._common import FLOAT_DTYPES, check_float, check_same_device, check_shape, pick_backend, tl, token_config, triton
-from .loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL,
-                           LOSS_TYPES, RATIO_LEVELS, STAT_NAMES, TIS_STAT_NAMES)
-
-
-@dataclass(frozen=True, slots=True)
-class LossTerms:
-    """The per-token hyper-parameters of the loss, checked by `check_grpo_args`."""
-    clip_low: float
-    clip_high: float
-    beta: float
-    delta: float | None = None   # dual clip: the unclipped branch uses min(ratio, delta)
-    tis_cap: float | None = None  # cap of the TIS weight (None: uncapped); used only with rollout log-probs
-    seq: bool = False            # GSPO: one ratio per completion
-
-    def launch_args(self) -> tuple[float, ...]:
-        """The float arguments of the Triton kernels (unused ones as harmless placeholders)."""
-        return (self.clip_low, self.clip_high, self.beta, self.delta if self.delta is not None else 0.0,
-                self.tis_cap if self.tis_cap is not None else float("inf"))
+from .loss_options import STAT_NAMES, TIS_STAT_NAMES, LossConfig, loss_config
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -205,7 +186,13 @@ def seq_ratio(logp, old, roll, real, tis_cap: float | None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_grad):
+def scalar_args(o: LossConfig) -> tuple[float, ...]:
+    """The float arguments of the Triton kernels (unused ones as harmless placeholders)."""
+    return (o.clip_low, o.clip_high, o.beta, o.delta if o.delta is not None else 0.0,
+            o.tis_cap if o.tis_cap is not None else float("inf"))
+
+
+def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossConfig, write_grad):
     """All [B, T] inputs contiguous, mask float32, row_w fp32 [B] -> (dlogp [B, T] or None, partial sums [NS])."""
     b, t = logp.shape
     assert all(x is None or x.is_contiguous() for x in (logp, old, ref, roll, adv, mask, row_w))
@@ -215,13 +202,13 @@ def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_gra
     grid = (b, triton.cdiv(t, block))
     partial = torch.empty(grid[0] * grid[1], ns, device=logp.device, dtype=torch.float32)
     dlogp = torch.empty(b, t, device=logp.device, dtype=torch.float32) if write_grad else None
-    seq = seq_ratio(logp, old, roll, mask != 0, o.tis_cap) if o.seq else None
+    seq = seq_ratio(logp, old, roll, mask != 0, o.tis_cap) if o.sequence else None
     if b * t:
         _grpo_loss_kernel[grid](logp, old if old is not None else logp, ref if ref is not None else logp,
-                                roll if has_tis else logp, adv, mask, row_w, seq if o.seq else row_w,
-                                dlogp if write_grad else logp, partial, t, *o.launch_args(),
-                                HAS_OLD=old is not None and (has_tis or not o.seq), HAS_REF=ref is not None,
-                                HAS_DELTA=o.delta is not None, HAS_TIS=has_tis, SEQ=o.seq,
+                                roll if has_tis else logp, adv, mask, row_w, seq if o.sequence else row_w,
+                                dlogp if write_grad else logp, partial, t, *scalar_args(o),
+                                HAS_OLD=old is not None and (has_tis or not o.sequence), HAS_REF=ref is not None,
+                                HAS_DELTA=o.delta is not None, HAS_TIS=has_tis, SEQ=o.sequence,
                                 WRITE_GRAD=write_grad, NS=ns, BLOCK_T=block, num_warps=warps)
     else:
         partial.zero_()
@@ -231,7 +218,7 @@ def _grpo_triton(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_gra
 # ----------------------------------------------------------------------------- PyTorch path
 
 
-def grpo_token_terms_torch(ratio, dratio, logp, ref, adv, tis_w, o: LossTerms):
+def grpo_token_terms_torch(ratio, dratio, logp, ref, adv, tis_w, o: LossConfig):
     """Vectorized twin of `grpo_token_terms` (fp32 tensors, adv broadcastable to logp; tis_w None without TIS)."""
     unclipped = ratio if o.delta is None else ratio.clamp(max=o.delta)
     surr = torch.minimum(unclipped * adv, ratio.clamp(1.0 - o.clip_low, 1.0 + o.clip_high) * adv)
@@ -244,7 +231,7 @@ def grpo_token_terms_torch(ratio, dratio, logp, ref, adv, tis_w, o: LossTerms):
     loss = -surr
     if tis_w is not None:
         loss = loss * tis_w
-        if not o.seq:
+        if not o.sequence:
             dloss = dloss * tis_w
     if ref is not None:
         d = ref - logp
@@ -266,7 +253,7 @@ def tis_weight_torch(old, roll, tis_cap: float | None):
     return raw.clamp(max=tis_cap), (raw > tis_cap).float()
 
 
-def _grpo_torch(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_grad):
+def _grpo_torch(logp, old, ref, roll, adv, mask, row_w, o: LossConfig, write_grad):
     """Same contract as _grpo_triton."""
     real = mask != 0
     zero = lambda x: None if x is None else torch.where(real, x.float(), 0.0)  # noqa: E731 - garbage never used
@@ -275,7 +262,7 @@ def _grpo_torch(logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_grad
     tis_w = capped = None
     if roll is not None:
         tis_w, capped = tis_weight_torch(old32, zero(roll), o.tis_cap)
-    if o.seq:
+    if o.sequence:
         sf = seq_ratio(logp, old, roll, real, o.tis_cap)
         ratio = sf[:, :1].expand_as(logp32)
         dratio = ratio * sf[:, 1:]
@@ -296,27 +283,16 @@ def grpo_core(backend: str, *args):
 # ----------------------------------------------------------------------------- shared argument handling
 
 
-def check_grpo_args(op: str, main: dict[str, torch.Tensor], old_logprobs, ref_logprobs, advantages, mask,
-                    shape, *, clip_low, clip_high, beta, loss_type, max_completion_len, num_tokens=None,
-                    ratio_level=DEFAULT_RATIO_LEVEL, delta=None, rollout_logprobs=None, tis_cap=None) -> LossTerms:
-    """Shapes, dtypes and hyper-parameters shared by grpo_loss and fused_linear_grpo_loss."""
+def check_grpo_args(op: str, main: dict[str, torch.Tensor], old_logprobs, ref_logprobs, advantages, mask, shape,
+                    o: LossConfig, num_tokens=None, rollout_logprobs=None) -> None:
+    """The per-call checks shared by grpo_loss and fused_linear_grpo_loss (LossConfig checked its own values)."""
     b, t = shape
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"{op}: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"{op}: clip_low must be in [0, 1), got {clip_low!r}")
-    if not clip_high >= 0.0:
-        raise ValueError(f"{op}: clip_high must be >= 0, got {clip_high!r}")
-    if not beta >= 0.0:
-        raise ValueError(f"{op}: beta must be >= 0, got {beta!r}")
-    if ref_logprobs is None and beta != 0.0:
-        raise ValueError(f"{op}: ref_logprobs is None but beta={beta} > 0; pass ref_logprobs (the reference "
+    if ref_logprobs is None and o.beta != 0.0:
+        raise ValueError(f"{op}: ref_logprobs is None but beta={o.beta} > 0; pass ref_logprobs (the reference "
                          "model's per-token log-probs, [B, T]) or set beta=0.0 to drop the KL term")
-    if max_completion_len is not None and (not isinstance(max_completion_len, int) or max_completion_len < 1):
-        raise ValueError(f"{op}: max_completion_len must be a positive int or None, got {max_completion_len!r}")
     if num_tokens is not None:
-        if loss_type != "dapo":
-            raise ValueError(f"{op}: num_tokens is only used by loss_type='dapo' (got loss_type={loss_type!r}); "
+        if o.loss_type != "dapo":
+            raise ValueError(f"{op}: num_tokens is only used by loss_type='dapo' (got loss_type={o.loss_type!r}); "
                              "drop num_tokens or set loss_type='dapo'")
         if isinstance(num_tokens, torch.Tensor):
             if num_tokens.dim() != 0 or num_tokens.dtype == torch.bool or num_tokens.is_complex():
@@ -325,17 +301,9 @@ def check_grpo_args(op: str, main: dict[str, torch.Tensor], old_logprobs, ref_lo
         elif isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"{op}: num_tokens must be a positive int (the generation batch's completion-token "
                              f"count) or a 0-dim tensor, got {num_tokens!r}")
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"{op}: ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
-    if delta is not None and not (isinstance(delta, (int, float)) and delta > 1.0 + clip_high):
-        raise ValueError(f"{op}: delta (dual clip) must be a float > 1 + clip_high = {1.0 + clip_high}, "
-                         f"got {delta!r}")
-    if tis_cap is not None:
-        if rollout_logprobs is None:
-            raise ValueError(f"{op}: tis_cap is set but rollout_logprobs is None; pass the sampler's per-token "
-                             "log-probs as rollout_logprobs (or drop tis_cap)")
-        if not (isinstance(tis_cap, (int, float)) and tis_cap > 0):
-            raise ValueError(f"{op}: tis_cap must be a positive float (e.g. 2.0) or None, got {tis_cap!r}")
+    if o.tis_cap is not None and rollout_logprobs is None:
+        raise ValueError(f"{op}: tis_cap is set but rollout_logprobs is None; pass the sampler's per-token "
+                         "log-probs as rollout_logprobs (or drop tis_cap)")
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("rollout_logprobs", rollout_logprobs)):
         if x is not None:
@@ -348,24 +316,22 @@ def check_grpo_args(op: str, main: dict[str, torch.Tensor], old_logprobs, ref_lo
     check_shape(op, "mask", mask, (b, t), " (1 for real completion tokens, 0 for padding)")
     check_same_device(op, **main, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                       rollout_logprobs=rollout_logprobs, advantages=advantages, mask=mask)
-    return LossTerms(float(clip_low), float(clip_high), float(beta), None if delta is None else float(delta),
-                     None if tis_cap is None else float(tis_cap), ratio_level == "sequence")
 
 
-def loss_weights(mask: torch.Tensor, loss_type: str, max_completion_len: int | None, num_tokens=None):
+def loss_weights(mask: torch.Tensor, o: LossConfig, num_tokens=None):
     """(row weight [B] fp32 so that L = sum_t row_w[i] * m_t * l_t, real-token count clamped to >= 1)."""
     b, t = mask.shape
     n_i = (mask != 0).sum(-1, dtype=torch.float32)           # [B]
     count = n_i.sum().clamp(min=1.0)
-    if loss_type == "grpo":
+    if o.loss_type == "grpo":
         row_w = 1.0 / (b * n_i.clamp(min=1.0))
-    elif loss_type == "bnpo" or (loss_type == "dapo" and num_tokens is None):
+    elif o.loss_type == "bnpo" or (o.loss_type == "dapo" and num_tokens is None):
         row_w = (1.0 / count).expand(b).contiguous()
-    elif loss_type == "dapo":  # a tensor stays on the device (no host sync)
+    elif o.loss_type == "dapo":  # a tensor stays on the device (no host sync)
         total = torch.as_tensor(num_tokens, device=mask.device).to(torch.float32)
         row_w = (1.0 / total).expand(b).contiguous()
     else:  # dr_grpo
-        row_w = torch.full((b,), 1.0 / (b * (max_completion_len or t)), device=mask.device)
+        row_w = torch.full((b,), 1.0 / (b * (o.max_completion_len or t)), device=mask.device)
     return row_w, count
 
 
@@ -380,7 +346,7 @@ def stats_dict(sums: torch.Tensor, count: torch.Tensor, names=STAT_NAMES) -> dic
 
 class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, ref, roll, adv, mask, row_w, o: LossTerms, write_grad, backend):
+    def forward(ctx, logp, old, ref, roll, adv, mask, row_w, o: LossConfig, write_grad, backend):
         dlogp, sums = grpo_core(backend, logp, old, ref, roll, adv, mask, row_w, o, write_grad)
         ctx.save_for_backward(dlogp)
         ctx.dtype = logp.dtype
@@ -397,11 +363,9 @@ class GRPOLossFunction(torch.autograd.Function):
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
-              clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA, loss_type: str = DEFAULT_LOSS_TYPE,
-              max_completion_len: int | None = None, num_tokens: int | torch.Tensor | None = None,
-              ratio_level: str = DEFAULT_RATIO_LEVEL, delta: float | None = None,
-              rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None, backend: str = "auto"):
+              advantages: torch.Tensor, mask: torch.Tensor, *, config: LossConfig | None = None,
+              num_tokens: int | torch.Tensor | None = None, rollout_logprobs: torch.Tensor | None = None,
+              backend: str = "auto", **options):
     """GRPO / DAPO / GSPO-style clipped surrogate loss with a k3 KL penalty, fused with its statistics.
 
     Args:
@@ -412,19 +376,15 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         advantages: [B] one advantage per completion (e.g. group-normalised rewards).
         mask: [B, T] bool / int / float, nonzero for real completion tokens. Masked positions of
             the other inputs are never read into the math (they may hold anything).
-        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
-        beta: KL penalty weight.
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" (see the module docstring).
-        max_completion_len: the L of dr_grpo (default T); ignored by the other loss types.
+        config: the loss's options, a `LossConfig` (loss_options.py: loss_type, clip_low, clip_high,
+            beta, ratio_level, delta, tis_cap, max_completion_len; default LossConfig()).
+        **options: LossConfig fields as keyword arguments (``beta=0.0``), replacing config's values.
+            entropy_coef needs the logits: use fused_linear_grpo_loss.
         num_tokens: dapo only: the completion-token count of the whole generation batch (an int or
             a 0-dim tensor, > 0; a tensor is not checked, to avoid a host sync). Pass the same value
             to every micro-batch and sum their losses: that is the batch loss. None: mask.sum().
-        ratio_level: "token" or "sequence" (GSPO: one ratio per completion, the exp of the mean
-            token log-ratio; gradient through every token's log-prob).
-        delta: dual clip; the unclipped branch uses min(ratio, delta). Must be > 1 + clip_high.
         rollout_logprobs: [B, T] the sampler's log-probs (e.g. from the inference engine); each
             token's loss is multiplied by the constant min(exp(old - rollout), tis_cap).
-        tis_cap: cap of that weight (None: no cap); needs rollout_logprobs.
         backend: "auto" | "triton" | "torch".
 
     Returns:
@@ -436,20 +396,21 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         (cheap [B, T] copies).
     """
     op = "grpo_loss"
+    o = loss_config(op, config, options)
+    if o.entropy_coef != 0.0:
+        raise ValueError(f"{op}: entropy_coef={o.entropy_coef} needs the logits; use fused_linear_grpo_loss "
+                         "(or entropy_coef=0.0)")
     check_float(op, "logprobs", logprobs)
     if logprobs.dim() != 2:
         raise ValueError(f"{op}: logprobs must be [B, T] (completions x tokens), got shape {list(logprobs.shape)}")
-    device = logprobs.device
-    terms = check_grpo_args(op, {"logprobs": logprobs}, old_logprobs, ref_logprobs, advantages, mask,
-                            logprobs.shape, clip_low=clip_low, clip_high=clip_high, beta=beta, loss_type=loss_type,
-                            max_completion_len=max_completion_len, num_tokens=num_tokens, ratio_level=ratio_level,
-                            delta=delta, rollout_logprobs=rollout_logprobs, tis_cap=tis_cap)
-    backend = pick_backend(op, backend, device)
-    row_w, count = loss_weights(mask, loss_type, max_completion_len, num_tokens)
+    check_grpo_args(op, {"logprobs": logprobs}, old_logprobs, ref_logprobs, advantages, mask, logprobs.shape, o,
+                    num_tokens, rollout_logprobs)
+    backend = pick_backend(op, backend, logprobs.device)
+    row_w, count = loss_weights(mask, o, num_tokens)
     write_grad = torch.is_grad_enabled() and logprobs.requires_grad
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     loss, sums = GRPOLossFunction.apply(c(logprobs), c(old_logprobs), c(ref_logprobs), c(rollout_logprobs),
-                                        c(advantages), mask.to(torch.float32).contiguous(), row_w, terms,
+                                        c(advantages), mask.to(torch.float32).contiguous(), row_w, o,
                                         write_grad, backend)
     names = STAT_NAMES + (TIS_STAT_NAMES if rollout_logprobs is not None else ())
     return loss, stats_dict(sums, count, names)

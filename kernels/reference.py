@@ -8,9 +8,11 @@ anything narrower is computed in float32, like the kernels.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .loss_options import DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE, DEFAULT_RATIO_LEVEL
+from .loss_options import LossConfig, loss_config
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -34,27 +36,28 @@ def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
     return token_logprobs_ref(hidden @ weight.T, targets, temperature, return_entropy)
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_len, num_tokens):
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, o: LossConfig, num_tokens):
     """The loss_type's weighted token sum of per_token [B, T] (mask: 0/1 in per_token's dtype)."""
     b, t = mask.shape
-    if loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
+    if o.loss_type == "grpo":    # mean over each completion, then over completions (empty rows count as 0)
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / b
-    if loss_type == "bnpo":    # mean over all real tokens
+    if o.loss_type == "bnpo":    # mean over all real tokens
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    if loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
-        return (per_token * mask).sum() / (b * (max_completion_len or t))
-    if loss_type == "dapo":    # sum over tokens / the generation batch's token count (or this batch's)
-        return (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
+    if o.loss_type == "dr_grpo":  # sum over tokens / (B * L), a constant normaliser
+        return (per_token * mask).sum() / (b * (o.max_completion_len or t))
+    # dapo: sum over tokens / the generation batch's token count (or this batch's)
+    return (per_token * mask).sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
 
 
 def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                  advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = DEFAULT_CLIP_LOW,
-                  clip_high: float = DEFAULT_CLIP_HIGH, beta: float = DEFAULT_BETA, loss_type: str = DEFAULT_LOSS_TYPE,
-                  max_completion_len: int | None = None, num_tokens=None, ratio_level: str = DEFAULT_RATIO_LEVEL,
-                  delta: float | None = None,
-                  rollout_logprobs: torch.Tensor | None = None, tis_cap: float | None = None):
-    """The GRPO loss over [B, T] completion tokens, and its statistics (see grpo_loss.py for the math)."""
+                  advantages: torch.Tensor, mask: torch.Tensor, *, config: LossConfig | None = None, num_tokens=None,
+                  rollout_logprobs: torch.Tensor | None = None, **options):
+    """The GRPO loss over [B, T] completion tokens, and its statistics (see grpo_loss.py for the math).
+    The options as grpo_loss takes them: a LossConfig and/or its fields as keyword arguments."""
+    o = loss_config("grpo_loss_ref", config, options)
+    if o.entropy_coef != 0.0:
+        raise ValueError("grpo_loss_ref: entropy_coef needs the logits; use fused_linear_grpo_loss_ref")
+    clip_low, clip_high, beta, delta, tis_cap = o.clip_low, o.clip_high, o.beta, o.delta, o.tis_cap
     real = mask != 0
     # Masked positions may hold anything (padding, -inf): zero them before any exp, so that
     # neither the value nor autograd (0 * inf) can turn into NaN.
@@ -63,13 +66,11 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
     old = logp.detach() if old_logprobs is None else clean(old_logprobs)
     mask = real.to(logp.dtype)
     adv = _upcast(advantages).unsqueeze(-1)                        # [B, 1]
-    if ratio_level == "token":
+    if o.ratio_level == "token":
         ratio = torch.exp(logp - old)
-    elif ratio_level == "sequence":  # GSPO: one ratio per completion, the exp of its mean log-ratio
+    else:  # GSPO: one ratio per completion, the exp of its mean log-ratio
         seq_log_ratio = ((logp - old) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
         ratio = torch.exp(seq_log_ratio).expand_as(logp)
-    else:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}")
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)  # dual clip
     surrogate = torch.minimum(unclipped * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     if ref_logprobs is not None:
@@ -82,7 +83,7 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
         tis = torch.exp(old - clean(rollout_logprobs)).detach()
         tis_w = tis if tis_cap is None else torch.clamp(tis, max=tis_cap)
         per_token = per_token * tis_w
-    loss = _aggregate(per_token, mask, loss_type, max_completion_len, num_tokens)
+    loss = _aggregate(per_token, mask, o, num_tokens)
 
     count = mask.sum().clamp(min=1)
     clip_lo = (ratio < 1 - clip_low) & (adv < 0)
@@ -103,22 +104,23 @@ def grpo_loss_ref(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref
 
 
 def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               old_logprobs, ref_logprobs, advantages, mask, *, temperature: float = 1.0,
-                               entropy_coef: float = 0.0, **kw):
+                               old_logprobs, ref_logprobs, advantages, mask, *, config: LossConfig | None = None,
+                               temperature: float = 1.0, num_tokens=None, rollout_logprobs=None, **options):
     """grpo_loss_ref of linear_token_logprobs_ref; hidden is [B, T, H] (or [B*T, H]), targets [B, T].
 
     entropy_coef: subtract coef x the entropy of softmax(logits / T), aggregated over the tokens
     with the loss_type's weights (the same as the loss's, without the TIS weight)."""
+    o = loss_config("fused_linear_grpo_loss_ref", config, options)
     b, t = targets.shape
     logp, ent = linear_token_logprobs_ref(hidden.reshape(b * t, -1), weight, targets.reshape(-1), temperature,
                                           return_entropy=True)
-    loss, stats = grpo_loss_ref(logp.view(b, t), old_logprobs, ref_logprobs, advantages, mask, **kw)
-    if entropy_coef != 0.0:
+    loss, stats = grpo_loss_ref(logp.view(b, t), old_logprobs, ref_logprobs, advantages, mask, num_tokens=num_tokens,
+                                rollout_logprobs=rollout_logprobs, config=replace(o, entropy_coef=0.0))
+    if o.entropy_coef != 0.0:
         real = mask != 0
         ent = torch.where(real, ent.view(b, t), 0.0)
         m = real.to(ent.dtype)
-        loss = loss - entropy_coef * _aggregate(ent, m, kw.get("loss_type", DEFAULT_LOSS_TYPE),
-                                                kw.get("max_completion_len"), kw.get("num_tokens"))
+        loss = loss - o.entropy_coef * _aggregate(ent, m, o, num_tokens)
         stats["loss"] = loss.detach()
         stats["entropy"] = (ent * m).sum().detach() / m.sum().clamp(min=1)
     return loss, stats

@@ -12,6 +12,7 @@ import torch
 
 import rlvr_fast
 from rlvr_fast.grpo.trainer import nll_loss
+from rlvr_fast.kernels import LossConfig
 from rlvr_fast.kernels.reference import linear_token_logprobs_ref
 from rlvr_fast.tasks import Problem, register_task
 from rlvr_fast.train import main
@@ -149,14 +150,15 @@ def test_cold_start_loss_ignores_the_grpo_variant_options(tiny, tmp_path, monkey
     assert main(args(tiny, tmp_path / "run", "--task", "demo-test", "--cold-start-steps", "2", "--steps", "1",
                      "--loss-type", "dapo", "--ratio-level", "sequence", "--tis-cap", "2", "--entropy-coef", "0.01",
                      "--delta", "3", "--beta", "0.1", "--num-iterations", "2")) == 0
-    n_cold = len(seen) - sum(1 for kw in seen if kw["loss_type"] == "dapo")
+    n_cold = len(seen) - sum(1 for kw in seen if kw["config"].loss_type == "dapo")
     cold, grpo = seen[:n_cold], seen[n_cold:]
     assert cold and grpo
     for kw in cold:  # the NLL setting and nothing of the GRPO variant
         assert {k: v for k, v in kw.items() if k not in ("old", "ref", "adv")} == \
-            {"beta": 0.0, "loss_type": "bnpo", "temperature": 0.8, "return_logprobs": True}
+            {"config": LossConfig(beta=0.0, loss_type="bnpo"), "temperature": 0.8, "return_logprobs": True}
         assert kw["old"] is None and kw["ref"] is None and bool((kw["adv"] == 1).all())
-    assert all(kw["beta"] == 0.1 and kw["ratio_level"] == "sequence" and kw["tis_cap"] == 2 for kw in grpo)
+    assert all(kw["config"].beta == 0.1 and kw["config"].ratio_level == "sequence" and kw["config"].tis_cap == 2
+               for kw in grpo)
 
 
 def test_steps_0_runs_only_the_cold_start_and_keeps_its_model(tiny, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import zlib
@@ -211,7 +212,7 @@ def test_options_reach_the_loss(tiny, tmp_path, monkeypatch):
     real = trainer_mod.fused_linear_grpo_loss
 
     def spy(*a, **kw):
-        seen.append({**kw, "mask": a[6]})
+        seen.append({**dataclasses.asdict(kw["config"]), **kw, "mask": a[6]})  # the options arrive as one LossConfig
         return real(*a, **kw)
 
     monkeypatch.setattr(trainer_mod, "fused_linear_grpo_loss", spy)

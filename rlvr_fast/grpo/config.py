@@ -16,8 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rlvr_fast.grpo.advantages import SCALE_REWARDS
-from rlvr_fast.kernels.loss_options import (DEFAULT_BETA, DEFAULT_CLIP_HIGH, DEFAULT_CLIP_LOW, DEFAULT_LOSS_TYPE,
-                                            DEFAULT_RATIO_LEVEL, LOSS_TYPES, RATIO_LEVELS)
+from rlvr_fast.kernels.loss_options import LossConfig, LossOptionError
 from rlvr_fast.model.lora import ALL_TARGETS, LoRAConfig
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -27,6 +26,12 @@ REPORTERS = ("tensorboard", "wandb")
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
+
+
+def loss_opt(name: str) -> Any:
+    """A field for one of LossConfig's options, with its default, help and choices (defined there, once)."""
+    f = LossConfig.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
 
 
 @dataclass(kw_only=True)
@@ -68,18 +73,15 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(2, "linear warm-up steps")
     schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
-    beta: float = opt(DEFAULT_BETA, "KL penalty weight towards the frozen reference (0 = no reference model)")
-    clip_low: float = opt(DEFAULT_CLIP_LOW, "PPO clip: ratio lower bound 1 - clip_low")
-    clip_high: float = opt(DEFAULT_CLIP_HIGH, "PPO clip: ratio upper bound 1 + clip_high (DAPO raises it)")
-    loss_type: str = opt(DEFAULT_LOSS_TYPE, "loss aggregation over tokens: grpo (mean per completion, then over "
-                         "completions), bnpo (mean over a micro-batch's tokens), dr_grpo (sum / (completions x "
-                         "max-new-tokens)), dapo (sum / all completion tokens of the step)", choices=LOSS_TYPES)
-    ratio_level: str = opt(DEFAULT_RATIO_LEVEL, "importance ratio per token (GRPO) or per completion (sequence: "
-                           "GSPO, the exp of the completion's mean log-ratio)", choices=RATIO_LEVELS)
-    delta: float | None = opt(None, "dual clip: the unclipped ratio term is capped at delta (> 1 + clip-high)")
-    tis_cap: float | None = opt(None, "truncated importance sampling: weight each token's loss by "
-                                "min(exp(trainer - rollout log-prob), tis-cap), correcting the sampler/trainer gap")
-    entropy_coef: float = opt(0.0, "entropy bonus: subtract this times the completion tokens' mean entropy")
+    # the loss's options (rlvr_fast/kernels/loss_options.py: LossConfig; TrainConfig.loss() builds one)
+    beta: float = loss_opt("beta")
+    clip_low: float = loss_opt("clip_low")
+    clip_high: float = loss_opt("clip_high")
+    loss_type: str = loss_opt("loss_type")
+    ratio_level: str = loss_opt("ratio_level")
+    delta: float | None = loss_opt("delta")
+    tis_cap: float | None = loss_opt("tis_cap")
+    entropy_coef: float = loss_opt("entropy_coef")
     scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
     micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
@@ -127,20 +129,18 @@ class TrainConfig:
         for name in ("steps", "eval_every", "save_every", "sample_every", "warmup_steps", "cold_start_steps", "demote_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        try:
+            self.loss()  # LossConfig checks the loss's options
+        except LossOptionError as e:
+            raise ValueError(f"--{e.option.replace('_', '-')} {e.problem}") from None
         checks = [
             (self.temperature > 0, "--temperature must be > 0 for GRPO rollouts (sampling needs a spread)"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.cold_start_lr > 0 and math.isfinite(self.cold_start_lr), "--cold-start-lr must be a positive number"),
-            (self.beta >= 0, "--beta must be >= 0"),
-            (0 <= self.clip_low < 1, "--clip-low must be in [0, 1)"),
-            (self.clip_high >= 0, "--clip-high must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (self.group_size >= 2, "--group-size must be >= 2: advantages compare completions within a group"),
-            (self.delta is None or self.delta > 1 + self.clip_high, "--delta must be > 1 + --clip-high (it caps the "
-                                                                   "ratio above the clip range)"),
-            (self.tis_cap is None or self.tis_cap > 0, "--tis-cap must be > 0 (typical: 2)"),
-            (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "--entropy-coef must be >= 0"),
+            (self.entropy_coef >= 0, "--entropy-coef must be >= 0 (a negative one would reward certainty)"),
             (self.reward_timeout > 0, "--reward-timeout must be > 0 seconds"),
         ]
         for ok, message in checks:
@@ -179,6 +179,11 @@ class TrainConfig:
         if not self.lora_rank:
             return None
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=LoRAConfig.parse_targets(self.lora_targets))
+
+    def loss(self) -> LossConfig:
+        """The loss's options, as the loss kernels take them (dr_grpo's length: --max-new-tokens)."""
+        options = {f.name: getattr(self, f.name) for f in fields(LossConfig) if f.name != "max_completion_len"}
+        return LossConfig(**options, max_completion_len=self.max_new_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -45,7 +45,7 @@ from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memor
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
-from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES
+from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES, LossConfig
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
 from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize, total_reward
@@ -134,7 +134,8 @@ def nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     token mean: each ratio exp(logp - logp.detach()) is exactly 1, inside the clip, so the [tokens, vocab]
     logits never exist here either; its value is -1, not the NLL, which comes from the same pass's log-probs."""
     loss, _, logp = fused_linear_grpo_loss(hidden, weight, targets, None, None, mask.new_ones(mask.shape[0]), mask,
-                                           beta=0.0, loss_type="bnpo", temperature=temperature, return_logprobs=True)
+                                           config=LossConfig(beta=0.0, loss_type="bnpo"), temperature=temperature,
+                                           return_logprobs=True)
     return loss, -(logp * mask).sum()
 
 
@@ -342,19 +343,17 @@ class GRPOTrainer:
                measure_gap: bool = True) -> dict[str, Any]:
         """One GRPO optimizer step; measure_gap (the first pass over a rollout): also the sampler's log-probs
         against the trainer's and the exact entropy, from the same loss pass."""
-        cfg = self.cfg
+        cfg, loss_config = self.cfg, self.cfg.loss()
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             pick = lambda lp: None if lp is None else lp[rows, :mb.targets.shape[1]].contiguous()
             loss, stats, *logp = fused_linear_grpo_loss(
                 hidden, self.model.lm_head.weight, mb.targets, pick(old_lp), pick(ref_lp), mb.advantages, mb.mask,
-                temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, beta=cfg.beta,
-                loss_type=cfg.loss_type, max_completion_len=cfg.max_new_tokens,
-                num_tokens=num_tokens if cfg.loss_type == "dapo" else None, ratio_level=cfg.ratio_level,
-                delta=cfg.delta, rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
-                tis_cap=cfg.tis_cap, entropy_coef=cfg.entropy_coef, return_logprobs=measure_gap,
-                return_entropy=measure_gap)
+                config=loss_config, temperature=cfg.temperature,
+                num_tokens=num_tokens if cfg.loss_type == "dapo" else None,
+                rollout_logprobs=pick(rollout_lp) if cfg.tis_cap is not None else None,
+                return_logprobs=measure_gap, return_entropy=measure_gap)
             # Per-completion means (grpo, dr_grpo) are weighted by completions, token sums (bnpo) by tokens;
             # dapo's loss is already divided by the step's token count. Statistics are token means.
             share = {"bnpo": mb.num_tokens / num_tokens, "dapo": 1.0}.get(cfg.loss_type, len(mb.samples) / num_samples)

@@ -46,6 +46,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from rlvr_fast.kernels import fused_linear_grpo_loss
+from rlvr_fast.kernels.loss_options import LossConfig, LossOptionError
 
 log = logging.getLogger("rlvr_fast.integrations.trl")
 
@@ -57,7 +58,6 @@ if Version(trl.__version__).release[:2] != (1, 16):
     log.warning("rlvr_fast.integrations.trl was tested with trl %s.x; this is trl %s: re-run "
                 "tests/test_trl_integration.py before trusting it", TESTED_TRL, trl.__version__)
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Inputs of vision-language batches (see GRPOTrainer._compute_loss); the fused loss reads text only.
 MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -71,10 +71,14 @@ def _refuse(option: str, value, why: str) -> None:
 
 def check_config(args) -> None:
     """Refuse every GRPOConfig option that changes the loss in a way fused_linear_grpo_loss does not reproduce."""
-    if args.loss_type not in SUPPORTED_LOSS_TYPES:
-        _refuse("loss_type", args.loss_type, f"only {SUPPORTED_LOSS_TYPES} are implemented")
-    if args.importance_sampling_level not in ("token", "sequence"):
-        _refuse("importance_sampling_level", args.importance_sampling_level, "only 'token' and 'sequence' exist")
+    try:  # the options fused_compute_loss passes on: LossConfig checks their values
+        LossConfig(loss_type=args.loss_type, clip_low=args.epsilon, beta=args.beta, delta=args.delta,
+                   clip_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+                   ratio_level=args.importance_sampling_level)
+    except LossOptionError as e:
+        name = {"clip_low": "epsilon", "clip_high": "epsilon_high", "ratio_level": "importance_sampling_level"}.get(
+            e.option, e.option)
+        _refuse(name, getattr(args, name), f"the fused loss's {e}")
     if args.top_entropy_quantile < 1.0:
         _refuse("top_entropy_quantile", args.top_entropy_quantile, "high-entropy token masking needs every "
                 "token's entropy before the loss; set it to 1.0")
@@ -94,10 +98,6 @@ def check_config(args) -> None:
                 "vLLM ratio (the fused loss's rollout correction weights both); set it to False")
     if args.use_liger_kernel:
         _refuse("use_liger_kernel", True, "Liger's layers would replace the model's forward; set it to False")
-    if args.delta is not None:
-        eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        if not args.delta > 1.0 + eps_high:
-            _refuse("delta", args.delta, f"the dual clip needs delta > 1 + epsilon_high = {1.0 + eps_high}")
 
 
 def check_trainer(trainer: GRPOTrainer) -> None:
@@ -229,8 +229,8 @@ def fused_compute_loss(self: GRPOTrainer, model, inputs) -> torch.Tensor:
             hidden.to(dtype), weight.to(dtype), completion_ids, inputs.get("old_per_token_logps"),
             inputs["ref_per_token_logps"] if beta != 0.0 else None, advantages, mask,
             clip_low=self.epsilon_low, clip_high=self.epsilon_high, beta=beta, loss_type=self.loss_type,
-            max_completion_len=self.max_completion_length if self.loss_type == "dr_grpo" else None,
-            num_tokens=num_tokens, ratio_level=self.importance_sampling_level, delta=self.args.delta,
+            max_completion_len=self.max_completion_length, ratio_level=self.importance_sampling_level,
+            delta=self.args.delta, num_tokens=num_tokens,
             temperature=self.temperature, return_logprobs=True, return_entropy=True,
             **getattr(self, "_rlvr_fast_loss_kwargs", {}))
     if self.loss_type != "dapo":  # dapo's normaliser above already covers the accumulation window
