@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -107,11 +108,13 @@ def pick_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines show as they are printed, through a pipe too
     cfg, given = _parse(argv)
     cfg, output, resume_from = _run_dir(cfg, given)
     # Under torchrun, join the other ranks (a rendezvous: every rank has checked the output directory before
     # rank 0 writes to it); a plain start is a single process.
-    dist = distributed.init_distributed(cfg.dist_timeout, cfg.device, cfg.shard)
+    dist = distributed.init_distributed(cfg.dist_timeout, cfg.device)
     try:
         return run(cfg, output, resume_from, dist)
     except BaseException as exc:
@@ -164,15 +167,18 @@ def _refuse_saved_code(saved: dict[str, Any], given: set[str]) -> None:
 
 
 def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distributed.Dist) -> int:
-    try:
-        dist.local_slice(cfg.prompts_per_step)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+    if cfg.prompts_per_step % dist.world_size:
+        raise SystemExit(f"error: --prompts-per-step {cfg.prompts_per_step} does not split over {dist.world_size} "
+                         f"ranks: use a multiple of {dist.world_size} (every rank generates as many groups)")
     torch.manual_seed(cfg.seed)
     device = distributed.device_for(dist, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
-    if dist.fsdp:  # FSDP2 keeps fp32 sharded weights and computes in --dtype (distributed.Dist.shard_model)
-        dist.compute_dtype, dtype = dtype, torch.float32
+    fsdp = None
+    if cfg.shard == "fsdp" and not dist.enabled:
+        log.warning("--shard fsdp: a single process has nothing to shard over (start with torchrun); ignored")
+    elif cfg.shard == "fsdp":  # FSDP2 keeps fp32 sharded weights and computes in --dtype (fsdp.py)
+        from rlvr_fast.grpo.fsdp import FSDP
+        fsdp, dtype = FSDP(dist, compute_dtype=dtype), torch.float32
 
     import rlvr_fast
     from rlvr_fast.grpo.checkpointing import CheckpointSaveError
@@ -204,16 +210,16 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2))
     ranks = f", {dist.world_size} ranks (shard {cfg.shard})" if dist.enabled else ""
-    dist.print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, "
-               f"{dist.compute_dtype or dtype}, {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} "
-               f"completions{ranks}, output {output}")
-    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model, dist=dist)
+    print(f"rlvr_fast: task {cfg.task}, model {cfg.model or 'SmolLM2-135M-Instruct (embedded)'}, {device}, "
+          f"{fsdp.compute_dtype if fsdp else dtype}, {cfg.steps} steps x {cfg.prompts_per_step} prompts x "
+          f"{cfg.group_size} completions{ranks}, output {output}")
+    trainer = GRPOTrainer(cfg, model, tokenizer, task, output, device, ref_model=ref_model, dist=dist, fsdp=fsdp)
     if resume_from is not None:
         try:
             trainer.load(resume_from)
         except (ValueError, FileNotFoundError) as exc:  # e.g. sharded over another number of ranks
             raise SystemExit(f"error: {exc}")
-        dist.print(f"resumed from {resume_from} at step {trainer.step}")
+        print(f"resumed from {resume_from} at step {trainer.step}")
     try:
         trainer.fit()
     except KeyboardInterrupt:

@@ -88,7 +88,7 @@ def test_malicious_pickle_in_a_rank_file_is_refused(run, tmp_path):
     write_manifest(ckpt)
     checkpointing.verify_checkpoint(ckpt)
     with pytest.raises(CheckpointError, match="rank-0.pt was refused: .* could run code"):
-        Dist(rank=0, world_size=2, shard="fsdp").load_state(ckpt)
+        checkpointing.load_state(ckpt, Dist(rank=0, world_size=2), sharded=True)
     assert not marker.exists()
 
 

@@ -20,7 +20,7 @@ import torch
 
 import rlvr_fast
 from rlvr_fast.grpo.distributed import Dist
-from rlvr_fast.train import main
+from rlvr_fast.train import main, parse_config, run
 from tests import dist_launch  # noqa: F401  (registers digits-uneven here too, for the one-process runs)
 from tests.test_train import args
 from tests.tiny import make_tiny_checkpoint
@@ -146,13 +146,15 @@ def test_two_ranks_cold_start_equals_one_process(tiny, tmp_path, shard):
     assert_same_weights(tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2")
 
 
-def test_each_rank_takes_a_contiguous_share():
+def test_each_rank_takes_a_contiguous_share(tiny, tmp_path):
     assert [Dist(rank=r, world_size=2).local_slice(8) for r in range(2)] == [slice(0, 4), slice(4, 8)]
-    # Evaluation problems need not split evenly: the first ranks take one more.
-    assert [Dist(rank=r, world_size=3).local_slice(7, exact=False) for r in range(3)] == [slice(0, 3), slice(3, 5),
-                                                                                        slice(5, 7)]
-    with pytest.raises(ValueError, match="--prompts-per-step 3 does not split over 2 ranks"):
-        Dist(rank=1, world_size=2).local_slice(3)
+    # Evaluation problems and kept groups need not split evenly: the first ranks take one more.
+    assert [Dist(rank=r, world_size=3).local_slice(7) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    # The training prompts must: refused before any work.
+    cfg = parse_config(args(tiny, tmp_path / "run", "--prompts-per-step", "3"))
+    with pytest.raises(SystemExit, match="--prompts-per-step 3 does not split over 2 ranks: use a multiple of 2"):
+        run(cfg, tmp_path / "run", None, Dist(rank=1, world_size=2))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_slice_of_the_prompts_samples_what_the_whole_list_would(tiny):

@@ -37,7 +37,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,6 +46,8 @@ from rlvr_fast.checkpoint.adapters import save_adapters
 from rlvr_fast.checkpoint.durable import MANIFEST, fsync_dir, verify_manifest, write_manifest, write_text_durably
 from rlvr_fast.checkpoint.load import CheckpointError
 from rlvr_fast.checkpoint.save import _replace_dir
+from rlvr_fast.grpo.distributed import Dist
+from rlvr_fast.grpo.fsdp import full_state_dict, is_sharded
 from rlvr_fast.model.lora import has_lora
 
 STATE_JSON = "trainer_state.json"
@@ -67,23 +69,36 @@ def staging_dir(output: Path, step: int) -> Path:
 
 
 def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int = 2,
-                    model_state: dict[str, torch.Tensor] | None = None,
-                    before_manifest: Callable[[Path], None] | None = None) -> Path:
+                    dist: Dist | None = None) -> Path:
     """Write OUTPUT/checkpoint-STEP and point OUTPUT/latest to it (module docstring: how, and why it is safe).
-    model_state: the weights to write when not model.state_dict() (FSDP: gathered from the ranks);
-    before_manifest(staging): runs once the weights and trainer state are in the staging directory
-    (FSDP: the ranks write their optimizer shards there)."""
-    path = output / f"checkpoint-{step}"
-    staging = staging_dir(output, step)
+    Several ranks (dist): rank 0 writes the model and the trainer state, which are the same on every rank; a
+    sharded model (fsdp.py) is gathered to rank 0's CPU first, and every rank adds its optimizer shard to the
+    staging directory before the manifest. No rank returns before the checkpoint is complete."""
+    dist = dist or Dist()
+    path, staging = output / f"checkpoint-{step}", staging_dir(output, step)
+    sharded = is_sharded(model)
+    weights = full_state_dict(model)  # sharded: gathered (every rank takes part); otherwise None, the model's own
+    state = {**state, "world_size": dist.world_size, "shard": "fsdp" if sharded else "none"}
+    rank_state = {"optimizer": state.pop("optimizer"), "world_size": dist.world_size} if sharded else None
+
+    def add_rank_state() -> None:
+        if sharded:
+            dist.barrier()  # rank 0 has written the weights into the staging directory
+            torch.save(rank_state, staging / f"rank-{dist.rank}.pt")
+            dist.barrier()
+
+    if not dist.is_main:
+        add_rank_state()
+        dist.barrier()
+        return path
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
         if has_lora(model):  # the frozen base is --model itself: only the adapters change
             save_adapters(model, staging, tokenizer=tokenizer)
         else:
-            save_pretrained(model, tokenizer, staging, state_dict=model_state)
+            save_pretrained(model, tokenizer, staging, state_dict=weights)
         write_state(staging, state)
-        if before_manifest is not None:
-            before_manifest(staging)
+        add_rank_state()
         write_manifest(staging)  # flushes every file; the checkpoint is complete from here on
         _replace_dir(staging, path)
         write_text_durably(output / LATEST, path.name + "\n")
@@ -99,6 +114,18 @@ def save_checkpoint(output: Path, step: int, model, tokenizer, state: dict[str, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _prune(output, keep, current=path)
+    dist.barrier()
+    return path
+
+
+def save_model(model, tokenizer, path: Path, dist: Dist | None = None) -> Path:
+    """The HF-layout model alone (the cold start's, a merged LoRA model), written by rank 0; a sharded
+    model is gathered first. No rank returns before it is written."""
+    dist = dist or Dist()
+    weights = full_state_dict(model)
+    if dist.is_main:
+        save_pretrained(model, tokenizer, path, state_dict=weights)  # atomic on its own
+    dist.barrier()
     return path
 
 
@@ -113,11 +140,6 @@ def write_state(directory: Path, state: dict[str, Any]) -> None:
                         "numbers, strings, lists and dicts") from None
     torch.save(tensors, directory / STATE_TENSORS)
     (directory / STATE_JSON).write_text("{\n" + ",\n".join(lines) + "\n}\n")
-
-
-def save_rank_state(directory: Path, rank: int, state: dict[str, Any]) -> None:
-    """One rank's part of a sharded trainer state (FSDP: its optimizer shard), into the staging directory."""
-    torch.save(state, directory / f"rank-{rank}.pt")
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -147,9 +169,23 @@ def _prune(output: Path, keep: int, current: Path) -> None:
 # ---- loading --------------------------------------------------------------------------------
 
 
-def load_state(checkpoint: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint: trainer_state.json and the tensors of trainer_state.pt."""
-    return {**load_state_json(checkpoint), **load_tensors(checkpoint / STATE_TENSORS)}
+def load_state(checkpoint: Path, dist: Dist | None = None, sharded: bool = False) -> dict[str, Any]:
+    """This rank's trainer state of a checkpoint: trainer_state.json, the tensors of trainer_state.pt and,
+    when sharded (--shard fsdp), the rank's optimizer shard."""
+    dist = dist or Dist()
+    state = {**load_state_json(checkpoint), **load_tensors(checkpoint / STATE_TENSORS)}
+    saved_shard, saved_world = state.get("shard", "none"), state.get("world_size", 1)
+    if saved_shard == "fsdp" and (not sharded or saved_world != dist.world_size):
+        raise ValueError(f"{checkpoint} holds optimizer states sharded over {saved_world} ranks (--shard fsdp): "
+                         f"resume it with --shard fsdp on {saved_world} ranks in all, not {dist.world_size}")
+    if saved_shard == "none" and sharded:
+        raise ValueError(f"{checkpoint} was saved with --shard none: resume it with --shard none")
+    if sharded:
+        shard = checkpoint / f"rank-{dist.rank}.pt"
+        if not shard.is_file():
+            raise CheckpointError(f"{shard} is missing: this checkpoint's trainer state is sharded, one file per rank")
+        state["optimizer"] = load_tensors(shard)["optimizer"]
+    return state
 
 
 def load_state_json(checkpoint: Path) -> dict[str, Any]:
@@ -166,13 +202,6 @@ def load_state_json(checkpoint: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
         raise CheckpointError(f"{file}: not a checkpoint format this rlvr_fast reads (format {FORMAT})")
     return meta
-
-
-def load_rank_state(checkpoint: Path, rank: int) -> dict[str, Any]:
-    path = checkpoint / f"rank-{rank}.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: this checkpoint's trainer state is sharded, one file per rank")
-    return load_tensors(path)
 
 
 def load_tensors(file: Path) -> dict[str, Any]:

@@ -9,22 +9,25 @@ from typing import Any
 
 
 class JsonlWriter:
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = path
-        if truncate_after_step is not None and path.is_file():
-            # On resume, drop records the killed run wrote after its last checkpoint.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
+    """One JSON record per line. enabled=False (ranks other than 0): writes nothing, reads nothing."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records the killed run wrote after its last checkpoint."""
+        if self.enabled and self.path.is_file():
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.read() if r.get("step", 0) <= step))
 
 
 def format_duration(seconds: float) -> str:

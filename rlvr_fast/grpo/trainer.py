@@ -34,16 +34,16 @@ from typing import Any
 
 import torch
 
-from rlvr_fast.checkpoint import save_pretrained
 from rlvr_fast.checkpoint.adapters import load_adapters
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
-from rlvr_fast.grpo.checkpointing import python_rng_state
+from rlvr_fast.grpo.checkpointing import load_state, python_rng_state, save_checkpoint, save_model
 from rlvr_fast.grpo.config import TrainConfig
-from rlvr_fast.grpo.distributed import Dist, full_tensor, gather_rollout
+from rlvr_fast.grpo.distributed import Dist
+from rlvr_fast.grpo.fsdp import FSDP, full_tensor, full_weights
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
-from rlvr_fast.grpo.report import Reporters, format_duration, progress_line, write_plot
+from rlvr_fast.grpo.report import JsonlWriter, Reporters, format_duration, progress_line, write_plot
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES, LossConfig
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
@@ -74,12 +74,13 @@ class Rollout:
     seconds: float
 
 
-def concat_rollouts(parts: list[Rollout]) -> Rollout:
-    """Several rollouts as one, groups in order (the rounds of a dynamically sampled step)."""
+def join_rollouts(parts: list[Rollout], parallel: bool = False) -> Rollout:
+    """Several rollouts as one, groups in order: the rounds of a dynamically sampled step, whose times add
+    up, or (parallel) the ranks' shares of one round, which took the slowest rank's time."""
     return Rollout([p for r in parts for p in r.problems], [p for r in parts for p in r.prompt_ids],
                    [g for r in parts for g in r.completions], [c for r in parts for c in r.components],
                    torch.cat([r.rewards for r in parts]), sum(r.reward_errors for r in parts),
-                   sum(r.reward_timeouts for r in parts), sum(r.seconds for r in parts))
+                   sum(r.reward_timeouts for r in parts), (max if parallel else sum)(r.seconds for r in parts))
 
 
 def rollout_metrics(ro: Rollout, keep: list[int], zero_std: torch.Tensor) -> dict[str, Any]:
@@ -141,11 +142,13 @@ def nll_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 
 class GRPOTrainer:
     def __init__(self, cfg: TrainConfig, model, tokenizer, task, output: Path, device: torch.device,
-                 ref_model=None, engine: RolloutEngine | None = None, dist: Dist | None = None):
+                 ref_model=None, engine: RolloutEngine | None = None, dist: Dist | None = None,
+                 fsdp: FSDP | None = None):
         self.cfg, self.model, self.tokenizer, self.task, self.output, self.device = cfg, model, tokenizer, task, output, device
         self.dist = dist or Dist()  # several ranks: see distributed.py for what is split and what is shared
+        self.fsdp = fsdp  # --shard fsdp under torchrun: see fsdp.py
         if cfg.lora() is not None and not has_lora(model):
-            if self.dist.fsdp:
+            if fsdp is not None:
                 raise ValueError("--lora-rank with --shard fsdp is not supported: train LoRA with --shard none "
                                  "(the adapters are small; each rank holds the frozen base)")
             lora = dataclasses.replace(cfg.lora(), base_model=self.base_model_path())
@@ -153,15 +156,16 @@ class GRPOTrainer:
         self.ref_model = None
         if cfg.beta > 0 and not has_lora(model):  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
-        self.dist.shard_model(model, self.ref_model)  # --shard fsdp under torchrun; otherwise nothing
+        if fsdp is not None:
+            fsdp.shard(model, self.ref_model)
         model.gradient_checkpointing = cfg.grad_checkpoint
         # FSDP frees the gathered weights after each rollout and gathers them anew (new addresses): no CUDA graphs.
         self.engine = engine or RolloutEngine(model, tokenizer, num_blocks=self._cache_blocks(),
-                                              use_cuda_graphs=not self.dist.fsdp)
+                                              use_cuda_graphs=fsdp is None)
         self.memory_estimate = estimate_memory(model, beta=cfg.beta, grad_checkpoint=cfg.grad_checkpoint,
                                                micro_batch_tokens=cfg.micro_batch_tokens,
                                                kv_cache_bytes=self.engine.kv_cache_bytes)
-        self.dist.print(self.memory_estimate.table())
+        print(self.memory_estimate.table())
         self.master = MasterWeights(model, cfg.seed)  # bf16 weights: the optimizer steps fp32 copies
         self.optimizer = self._adamw(cfg.lr)
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
@@ -176,10 +180,8 @@ class GRPOTrainer:
         self.reward_pool = RewardPool(scorer, cfg.reward_workers, cfg.reward_timeout) if scorer is not None else None
         log.info("rewards: %s", f"{cfg.reward_workers} worker processes, {cfg.reward_timeout:g} s limit per completion"
                  if self.reward_pool else "built-in, scored in-process")
-        self.metrics = self.dist.writer(output / "metrics.jsonl")  # rank 0 writes, the others do not
-        self.samples = self.dist.writer(output / "samples.jsonl")
-        self.evals = self.dist.writer(output / "eval.jsonl")
-        self.cold_start_log = self.dist.writer(output / "cold_start.jsonl")
+        self.metrics, self.samples, self.evals, self.cold_start_log = (  # rank 0 writes, the others do not
+            JsonlWriter(output / f"{name}.jsonl", self.dist.is_main) for name in ("metrics", "samples", "eval", "cold_start"))
         self.reporters = Reporters(cfg.report_to, output, cfg.to_dict()) if cfg.report_to and self.dist.is_main else None
 
     def _adamw(self, lr: float) -> torch.optim.AdamW:
@@ -238,16 +240,21 @@ class GRPOTrainer:
         return components, errors, timeouts
 
     def rollout(self, problems: list[Problem], params: SamplingParams, n: int, first_prompt_index: int = 0) -> Rollout:
+        """n completions of each problem, scored. Each rank generates and scores its share of the problems (their
+        sampling keyed on the global prompt index), then the shares are gathered: every rank gets all of them."""
         start = time.perf_counter()
+        mine = self.dist.local_slice(len(problems))
+        problems = problems[mine]
         prompt_ids = [self.encode_prompt(p) for p in problems]
         self.model.eval()
-        with torch.no_grad(), self.dist.full_weights(self.model):  # FSDP: gathered for the rollout, freed after
-            completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index)
+        with torch.no_grad(), full_weights(self.model):  # FSDP: gathered for the rollout, freed after
+            completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index + mine.start)
         flat, errors, timeouts = self.score_all([(p, c.text) for p, group in zip(problems, completions) for c in group])
         components = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
         rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components],
                                dtype=torch.float32)  # float even when every call failed (all 0)
-        return Rollout(problems, prompt_ids, completions, components, rewards, errors, timeouts, time.perf_counter() - start)
+        ro = Rollout(problems, prompt_ids, completions, components, rewards, errors, timeouts, time.perf_counter() - start)
+        return join_rollouts(self.dist.all_gather_objects(ro), parallel=True)
 
     # ---- log-probs and the update --------------------------------------------------------
 
@@ -276,7 +283,8 @@ class GRPOTrainer:
                                        temperature=self.cfg.temperature).view(b, t)
             rows = torch.tensor([s.index for s in mb.samples], device=self.device)
             out[rows, :t] = lp * mb.mask
-        self.dist.even_passes(model, len(micro_batches), train=False)
+        if self.fsdp is not None:
+            self.fsdp.even_passes(model, len(micro_batches), train=False)
         return out
 
     def rollout_logprobs(self, samples: list[Sample], micro_batches: list[MicroBatch]) -> torch.Tensor:
@@ -293,9 +301,10 @@ class GRPOTrainer:
         cfg = self.cfg
         micro_batches = [make_micro_batch(b, cfg.share_prompts).to(self.device)
                          for b in split_by_tokens(samples, cfg.micro_batch_tokens, cfg.share_prompts)]
-        self.dist.plan_passes(len(micro_batches))
+        if self.fsdp is not None:
+            self.fsdp.plan_passes(len(micro_batches))
         local = [len(samples), sum(mb.num_tokens for mb in micro_batches)]
-        num_samples, num_tokens = map(int, self.dist.all_reduce_sum(local))
+        num_samples, num_tokens = map(int, self.dist.all_reduce(local))
         return micro_batches, num_samples, num_tokens
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float, micro_batches: list[MicroBatch],
@@ -314,11 +323,13 @@ class GRPOTrainer:
             loss.backward()
             for k, v in parts.items():
                 sums[k] += v
-        self.dist.even_passes(self.model, len(micro_batches), train=True)
+        if self.fsdp is not None:
+            self.fsdp.even_passes(self.model, len(micro_batches), train=True)
         t_opt = time.perf_counter()  # from here: gradient reduction, clipping and the optimizer step
         self.master.grads_to_master()
-        self.dist.all_reduce_grads(self.master.master_params)  # the weights above are global: sum over ranks
-        sums = dict(zip(sums, self.dist.all_reduce_sum(torch.stack(list(sums.values())).tolist())))
+        if self.fsdp is None:  # (FSDP reduce-scattered them in backward) the weights above are global: sum over ranks
+            self.dist.all_reduce_grads(self.master.master_params)
+        sums = dict(zip(sums, self.dist.all_reduce(torch.stack(list(sums.values())).tolist())))
         params = [p for p in self.master.master_params if p.grad is not None]
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(  # FSDP: a DTensor
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
@@ -382,14 +393,12 @@ class GRPOTrainer:
         rounds, signal = [], 0
         for r in range(cfg.max_oversample):
             problems = self.task.sample(self.rng, cfg.prompts_per_step)  # the same P problems on every rank
-            mine = self.dist.local_slice(len(problems))  # this rank's groups
             # Each round's prompts get their own sampling streams; round 0's are those of plain GRPO.
-            ro = self.rollout(problems[mine], params, cfg.group_size, first_prompt_index=r * len(problems) + mine.start)
-            rounds.append(gather_rollout(self.dist, ro))  # all groups: every rank takes the same decisions
+            rounds.append(self.rollout(problems, params, cfg.group_size, first_prompt_index=r * len(problems)))
             signal += int((~group_advantages(rounds[-1].rewards, cfg.scale_rewards)[1]).sum())
             if signal >= cfg.prompts_per_step:
                 break
-        ro = concat_rollouts(rounds)
+        ro = join_rollouts(rounds)
         zero_std = group_advantages(ro.rewards, cfg.scale_rewards)[1]
         keep = [i for i in range(len(zero_std)) if not zero_std[i]][:cfg.prompts_per_step]
         return ro, keep
@@ -398,7 +407,7 @@ class GRPOTrainer:
         """Reference and old log-probs, then --num-iterations updates on this rank's share of the kept groups;
         the update's metrics (None where nothing trained: every group drawn had equal rewards)."""
         cfg = self.cfg
-        mine = self.dist.local_slice(len(keep), exact=False)
+        mine = self.dist.local_slice(len(keep))
         samples = [Sample(ro.prompt_ids[i], list(c.token_ids), float(adv[i, j]), 0, group=i, rollout_logprobs=c.logprobs)
                    for i in keep[mine] for j, c in enumerate(ro.completions[i])]
         for k, s in enumerate(samples):
@@ -457,7 +466,7 @@ class GRPOTrainer:
         if self.reporters is not None:
             self.reporters.log(m, self.step, "train/")
         if note:
-            self.dist.print(note)
+            print(note)
         if self.bad_steps >= cfg.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
                                 "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
@@ -503,8 +512,8 @@ class GRPOTrainer:
                  "skipped_update": upd["skipped_update"], "demonstrations": num_samples, "tokens": num_tokens,
                  "lr": cfg.cold_start_lr, "step_time_s": time.perf_counter() - t0}
             self.cold_start_log.write(m)
-            self.dist.print(f"cold start {self.cold_start_done}/{cfg.cold_start_steps}: nll {m['nll']:.3f}, "
-                            f"grad norm {m['grad_norm']:.2f}, {m['step_time_s']:.1f} s")
+            print(f"cold start {self.cold_start_done}/{cfg.cold_start_steps}: nll {m['nll']:.3f}, "
+                  f"grad norm {m['grad_norm']:.2f}, {m['step_time_s']:.1f} s")
             if self.bad_steps >= cfg.max_bad_steps:
                 raise TrainingError(f"{self.bad_steps} consecutive cold-start updates had NaN/Inf loss or gradients; "
                                     "try a lower --cold-start-lr or --dtype float32.")
@@ -513,14 +522,13 @@ class GRPOTrainer:
                 for ref, p in zip(self.ref_model.parameters(), self.model.parameters()):
                     ref.copy_(p)
         # Kept with or without a reference: GRPO's gain over the cold start alone is measured from it.
-        self.dist.save_model(self.model, self.tokenizer, self.output / COLD_START_DIR)
+        save_model(self.model, self.tokenizer, self.output / COLD_START_DIR, self.dist)
 
     # ---- evaluation ----------------------------------------------------------------------
 
     def evaluate(self, problems: list[Problem], label: str) -> dict[str, Any]:
         params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.max_new_tokens)
-        mine = self.dist.local_slice(len(problems), exact=False)
-        ro = gather_rollout(self.dist, self.rollout(problems[mine], params, 1, first_prompt_index=mine.start))
+        ro = self.rollout(problems, params, 1)
         comps = [row[0] for row in ro.components]
         outcome = summarize(comps)
         result = {"step": self.step, "set": label, "size": len(problems), "accuracy": outcome["accuracy"],
@@ -543,14 +551,14 @@ class GRPOTrainer:
         results = [self.evaluate(problems, label) for label, problems in sets]
         for r in results:
             where = "the cold start" if r.get("after_cold_start") else f"step {r['step']}"
-            self.dist.print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
-                            f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
+            print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
+                  f"format {r['format_rate']:.3f}, reward {r['reward_mean']:.3f}")
             others = {k: v for k, v in r["components"].items() if k not in (CORRECT, FORMAT)}
             if others:
-                self.dist.print("  " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
+                print("  " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
             if "by_kind" in r:
-                self.dist.print("  accuracy by kind: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['size']})"
-                                                                   for k, v in r["by_kind"].items()))
+                print("  accuracy by kind: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['size']})"
+                                                         for k, v in r["by_kind"].items()))
         if self.dist.is_main:
             write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"],
                        title=self.plot_title())
@@ -572,8 +580,7 @@ class GRPOTrainer:
                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "cold_start_done": self.cold_start_done}
 
     def save(self) -> Path:
-        # One process or rank 0 writes it (several ranks: their model and state are gathered or identical).
-        path = self.dist.save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict())
+        path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict(), dist=self.dist)
         log.info("checkpoint written: %s", path)
         return path
 
@@ -586,7 +593,7 @@ class GRPOTrainer:
     def load(self, checkpoint: Path) -> None:
         """Continue from a checkpoint: trainer state, and with LoRA the adapters (the model passed in
         holds the checkpoint's weights otherwise)."""
-        state = self.dist.load_state(checkpoint)
+        state = load_state(checkpoint, self.dist, sharded=self.fsdp is not None)
         if has_lora(self.model):
             load_adapters(self.model, checkpoint)
         self.step = state["step"]
@@ -599,7 +606,7 @@ class GRPOTrainer:
         if state["task"] is not None:
             self.task.load_state_dict(state["task"])
         for writer in (self.metrics, self.samples, self.evals):
-            self.dist.writer(writer.path, truncate_after_step=self.step)
+            writer.truncate_after(self.step)
 
     # ---- the run -------------------------------------------------------------------------
 
@@ -619,13 +626,13 @@ class GRPOTrainer:
                 m = self.train_step()
                 done = self.step - first_step
                 eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
-                self.dist.print(progress_line(m, cfg.steps, eta))
+                print(progress_line(m, cfg.steps, eta))
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
         except KeyboardInterrupt:
-            self.dist.print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
+            print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
             self.save()
             raise
         after = cold if cold and self.step == 0 else self.run_evals()  # --steps 0: the cold start's evaluations
@@ -634,12 +641,11 @@ class GRPOTrainer:
         if self.reporters is not None:
             self.reporters.close()
         self.save()
-        if cfg.merge and self.dist.is_main:
-            merged = save_pretrained(self.model, self.tokenizer, self.output / "merged")
-            self.dist.print(f"merged model (base + adapters, HF layout) written to {merged}")
+        if cfg.merge:
+            merged = save_model(self.model, self.tokenizer, self.output / "merged", self.dist)
+            print(f"merged model (base + adapters, HF layout) written to {merged}")
         summary = {"before": before, "cold_start": cold, "after": after, "seconds": time.perf_counter() - start}
-        if self.dist.is_main:
-            print_summary(summary)
+        print_summary(summary)
         return summary
 
 
