@@ -15,7 +15,7 @@ start alone, and after GRPO. Each run's plot is copied to bench/learning/<size>.
 --compare tabulates finished runs of the main command instead (e.g. GRPO settings tried from one
 cold-start model, `--model OUT/cold-start`): the options in which their config.json differ, the
 held-out accuracy at every evaluation, the GRPO steps' summed time and the gain over the first
-evaluation. Every figure is read from the runs' own files.
+evaluation (for a run with its own cold start: the evaluation after it). Every figure is read from the runs' own files.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from benchlib import markdown_table, publish, timed  # noqa: E402
 
 PLOTS = Path(__file__).resolve().parent / "learning"
 
-# The README's recommendation per size (its "Multiplication at the blog's sizes" section). 2x2: chosen from the runs
-# in README (cold start on target-size demonstrations, then GRPO without a KL reference); 4x2: the same recipe scaled
-# to its longer demonstrations, not yet measured.
-# GRPO settings compared from one cold start: bench/RESULTS.md, "GRPO settings from one 2x2 cold start".
+# The README's recommendation per size (its "Multiplication at the blog's sizes" section): a cold start on
+# target-size demonstrations, then GRPO without a KL reference; 4x2 scales the cold start to its longer
+# demonstrations. Their runs, and GRPO settings compared from one cold start: bench/RESULTS.md, "Learning
+# multiplication ...".
 COLD_START_RECIPE = ["--no-curriculum", "--cold-start-lr", "1.5e-4", "--cold-start-batch", "8", "--prompts-per-step",
                      "4", "--temperature", "1.0", "--clip-high", "0.28", "--lr", "3e-5", "--beta", "0"]
 RUNS: dict[str, list[str]] = {
@@ -97,6 +97,8 @@ def compare(runs: list[Path], title: str) -> None:
     for run_dir, cfg in zip(runs, configs):
         evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
         evals = [e for e in evals if e["set"] == "target"]
+        if any(e.get("after_cold_start") for e in evals):  # a run with its own cold start: GRPO starts from there
+            evals = [e for e in evals if e["step"] > 0 or e.get("after_cold_start")]
         metrics = run_dir / "metrics.jsonl"
         steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         trail = ", ".join(f"{e['step']}: {e['accuracy']:.3f}" for e in evals)

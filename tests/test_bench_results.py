@@ -66,12 +66,15 @@ def test_learning_compare_tabulates_runs_from_their_files(tmp_path, monkeypatch)
     from rlvr_fast.grpo.config import TrainConfig
 
     runs = []
-    for name, lr, accs in [("a", 3e-5, [0.25, 0.5]), ("b", 1e-4, [0.25, 0.125])]:
+    for name, lr, evals in [("a", 3e-5, [(0, 0.25, False), (3, 0.5, False)]),
+                            # a run with its own cold start: the gain is GRPO's, from the evaluation after it
+                            ("b", 1e-4, [(0, 0.0, False), (0, 0.25, True), (3, 0.125, False)])]:
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text(json.dumps({**TrainConfig(lr=lr, beta=0.0).to_dict(), "output": str(run)}))
-        (run / "eval.jsonl").write_text("".join(json.dumps({"step": 3 * i, "set": "target", "size": 8, "accuracy": a})
-                                                + "\n" for i, a in enumerate(accs)))
+        (run / "eval.jsonl").write_text("".join(json.dumps({"step": s, "set": "target", "size": 8, "accuracy": a,
+                                                            **({"after_cold_start": True} if c else {})}) + "\n"
+                                                for s, a, c in evals))
         (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_time_s": 30.0}) + "\n" for s in (1, 2, 3)))
         runs.append(run)
     published = []
