@@ -183,6 +183,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
     import rlvr_fast
     from rlvr_fast.grpo.checkpointing import CheckpointSaveError
     from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError, check_cold_start
+    from rlvr_fast.tasks.scoring import RewardError
     from rlvr_fast.tasks import make_task
     try:
         task = make_task(cfg)
@@ -224,7 +225,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         trainer.fit()
     except KeyboardInterrupt:
         return 130
-    except (TrainingError, CheckpointSaveError) as exc:
+    except (TrainingError, RewardError, CheckpointSaveError) as exc:
         if not dist.enabled:
             print(f"error: {exc}", file=sys.stderr)
         dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)

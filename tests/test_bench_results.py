@@ -85,3 +85,21 @@ def test_learning_compare_tabulates_runs_from_their_files(tmp_path, monkeypatch)
     assert "| a | 3e-05 | 0: 0.250, 3: 0.500 | +0.250 | 1.5 min (3 steps) |" in table
     assert "| b | 0.0001 | 0: 0.250, 3: 0.125 | -0.125 | 1.5 min (3 steps) |" in table
     assert "`beta=0.0`" in table  # shared and not the default
+
+
+def test_readme_recommends_what_bench_learning_runs():
+    """The README's 2x2 and 4x2 commands are the ones bench_learning measures (one recipe, two copies kept equal)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import bench_learning
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [shlex.split(c.replace("\\\n", " ")) for c in
+                re.findall(r"^python -m rlvr_fast\.train --task multiply --digits .*?(?<!\\)$", readme, re.M | re.S)]
+    recommended = {f"{c[c.index('--digits') + 1]}x{c[c.index('--digits') + 2]}": c for c in commands}
+    for size in ("2x2", "4x2"):
+        options = recommended[size][recommended[size].index("--digits"):]
+        pairs = lambda opts: sorted(" ".join(opts).replace(" --", "\n--").splitlines())  # noqa: E731
+        assert pairs(options) == pairs(bench_learning.RUNS[size]), size

@@ -27,7 +27,6 @@ import logging
 import math
 import random
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,8 @@ from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES, LossConfig
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
 from rlvr_fast.rollout import RolloutEngine, SamplingParams
-from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize, total_reward
-from rlvr_fast.tasks.pool import RewardPool
+from rlvr_fast.tasks.base import CORRECT, FORMAT, Problem, accuracy_by_kind, summarize
+from rlvr_fast.tasks.scoring import Scorer
 
 log = logging.getLogger("rlvr_fast")
 
@@ -173,13 +172,7 @@ class GRPOTrainer:
         self.cold_start_done = 0  # cold-start steps taken
         check_cold_start(cfg, task, tokenizer)
         self.bad_steps = 0
-        self.reward_error_shown = False
-        # Tasks with user rewards hand over a picklable `scorer`: it runs in worker processes with a time
-        # limit per call. Built-in rewards are fast and trusted: they score in-process.
-        scorer = getattr(task, "scorer", None)
-        self.reward_pool = RewardPool(scorer, cfg.reward_workers, cfg.reward_timeout) if scorer is not None else None
-        log.info("rewards: %s", f"{cfg.reward_workers} worker processes, {cfg.reward_timeout:g} s limit per completion"
-                 if self.reward_pool else "built-in, scored in-process")
+        self.scorer = Scorer(task, cfg.reward_workers, cfg.reward_timeout, strict=cfg.strict_rewards)
         self.metrics, self.samples, self.evals, self.cold_start_log = (  # rank 0 writes, the others do not
             JsonlWriter(output / f"{name}.jsonl", self.dist.is_main) for name in ("metrics", "samples", "eval", "cold_start"))
         self.reporters = Reporters(cfg.report_to, output, cfg.to_dict()) if cfg.report_to and self.dist.is_main else None
@@ -215,30 +208,6 @@ class GRPOTrainer:
         text = self.tokenizer.apply_chat_template(problem.messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def score(self, problem: Problem, text: str) -> tuple[str, Any]:
-        try:
-            return "ok", self.task.score(problem, text)
-        except Exception:
-            return "error", traceback.format_exc()
-
-    def score_all(self, pairs: list[tuple[Problem, str]]) -> tuple[list[dict[str, float]], int, int]:
-        """Components of every (problem, completion); a reward that raises or times out scores {} (0), counted."""
-        outcomes = self.reward_pool.map(pairs) if self.reward_pool else [self.score(p, t) for p, t in pairs]
-        components, errors, timeouts = [], 0, 0
-        for status, value in outcomes:
-            if status == "error":
-                if self.cfg.strict_rewards:
-                    raise TrainingError("the reward function raised (and --strict-rewards is set):\n" + value)
-                if not self.reward_error_shown:
-                    self.reward_error_shown = True
-                    log.error("reward function raised; the completion scores 0 (further errors are only counted):\n%s", value)
-            errors += status == "error"
-            timeouts += status == "timeout"
-            components.append(value if status == "ok" else {})
-        if timeouts:
-            log.warning("%d reward call(s) passed --reward-timeout %g s and scored 0", timeouts, self.cfg.reward_timeout)
-        return components, errors, timeouts
-
     def rollout(self, problems: list[Problem], params: SamplingParams, n: int, first_prompt_index: int = 0) -> Rollout:
         """n completions of each problem, scored. Each rank generates and scores its share of the problems (their
         sampling keyed on the global prompt index), then the shares are gathered: every rank gets all of them."""
@@ -249,11 +218,11 @@ class GRPOTrainer:
         self.model.eval()
         with torch.no_grad(), full_weights(self.model):  # FSDP: gathered for the rollout, freed after
             completions = self.engine.generate(prompt_ids, params, n=n, first_prompt_index=first_prompt_index + mine.start)
-        flat, errors, timeouts = self.score_all([(p, c.text) for p, group in zip(problems, completions) for c in group])
-        components = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
-        rewards = torch.tensor([[total_reward(c, self.task.reward_weights) for c in row] for row in components],
-                               dtype=torch.float32)  # float even when every call failed (all 0)
-        ro = Rollout(problems, prompt_ids, completions, components, rewards, errors, timeouts, time.perf_counter() - start)
+        scores = self.scorer.score([(p, c.text) for p, group in zip(problems, completions) for c in group])
+        components = [scores.components[i * n:(i + 1) * n] for i in range(len(problems))]
+        rewards = torch.tensor(scores.totals, dtype=torch.float32).view(len(problems), n)
+        ro = Rollout(problems, prompt_ids, completions, components, rewards, scores.errors, scores.timeouts,
+                     time.perf_counter() - start)
         return join_rollouts(self.dist.all_gather_objects(ro), parallel=True)
 
     # ---- log-probs and the update --------------------------------------------------------
@@ -471,10 +440,10 @@ class GRPOTrainer:
             raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
                                 "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
         if cfg.sample_every and self.step % cfg.sample_every == 0:
-            for problem, group, comps in list(zip(ro.problems, ro.completions, ro.components))[:2]:
-                for c, comp in list(zip(group, comps))[:2]:
+            for problem, group, comps, rewards in list(zip(ro.problems, ro.completions, ro.components, ro.rewards))[:2]:
+                for c, comp, reward in list(zip(group, comps, rewards.tolist()))[:2]:
                     self.samples.write({"step": self.step, "prompt": problem.messages[-1]["content"], "answer": problem.answer,
-                                        "completion": c.text, "reward": total_reward(comp, self.task.reward_weights), **comp})
+                                        "completion": c.text, "reward": reward, **comp})
         return m
 
     # ---- cold start ----------------------------------------------------------------------
@@ -636,8 +605,7 @@ class GRPOTrainer:
             self.save()
             raise
         after = cold if cold and self.step == 0 else self.run_evals()  # --steps 0: the cold start's evaluations
-        if self.reward_pool is not None:
-            self.reward_pool.close()
+        self.scorer.close()
         if self.reporters is not None:
             self.reporters.close()
         self.save()
