@@ -42,7 +42,7 @@ COLD_START_RECIPE = ["--no-curriculum", "--cold-start-lr", "1.5e-4", "--cold-sta
                      "4", "--temperature", "1.0", "--clip-high", "0.28", "--beta", "0"]
 RUNS: dict[str, list[str]] = {
     "1x1": [],  # the main command's defaults
-    "2x2": ["--digits", "2", "2", *COLD_START_RECIPE, "--cold-start-steps", "60", "--max-new-tokens", "128",
+    "2x2": ["--digits", "2", "2", *COLD_START_RECIPE, "--cold-start-steps", "100", "--max-new-tokens", "128",
             "--steps", "18", "--eval-every", "18", "--eval-size", "128", "--lr", "3e-5"],
     "4x2": ["--digits", "4", "2", *COLD_START_RECIPE, "--cold-start-steps", "150", "--max-new-tokens", "200",
             "--steps", "30", "--eval-every", "10", "--eval-size", "128", "--lr", "1e-5"],  # 3e-5 lost 0.14 at 4x2
