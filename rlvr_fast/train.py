@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rlvr_fast.grpo import distributed
-from rlvr_fast.grpo.config import TrainConfig
+from rlvr_fast.grpo.config import GROUPS, TrainConfig
 from rlvr_fast.grpo.precision import pick_dtype
 
 log = logging.getLogger("rlvr_fast")
@@ -33,23 +33,30 @@ def build_parser(only_given: bool = False) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS if only_given else None)
     parser.add_argument("--config", type=Path, help="TOML or YAML file with options (flags override it)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
-        if not only_given:
-            kwargs["default"] = f.default
-        if f.type in ("bool", bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.name == "digits":
-            kwargs.update(nargs=2, type=int, metavar=("A", "B"))
-        elif f.metadata.get("repeat"):
-            kwargs.update(action="append", default=None if not only_given else argparse.SUPPRESS)
-        else:
-            kwargs["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kwargs)
+    for group in GROUPS:  # one help section per group of options
+        section = parser.add_argument_group(group.__doc__.rstrip("."))
+        for f in dataclasses.fields(group):
+            _add_option(section, f, only_given)
     return parser
+
+
+def _add_option(parser: argparse._ArgumentGroup, f: dataclasses.Field, only_given: bool) -> None:
+    """One TrainConfig field as a flag: its name with dashes, its help, and its type, choices or action."""
+    flag = "--" + f.name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+    if not only_given:
+        kwargs["default"] = f.default
+    if f.type in ("bool", bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif f.name == "digits":
+        kwargs.update(nargs=2, type=int, metavar=("A", "B"))
+    elif f.metadata.get("repeat"):
+        kwargs.update(action="append", default=None if not only_given else argparse.SUPPRESS)
+    else:
+        kwargs["type"] = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+    parser.add_argument(flag, **kwargs)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -183,8 +190,8 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
     import rlvr_fast
     from rlvr_fast.grpo.checkpointing import CheckpointSaveError
     from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError, check_cold_start
-    from rlvr_fast.tasks.scoring import RewardError
     from rlvr_fast.tasks import make_task
+    from rlvr_fast.tasks.scoring import RewardError
     try:
         task = make_task(cfg)
     except ValueError as exc:
