@@ -25,6 +25,12 @@ float rounding at a CDF boundary, ~1e-7 of draws).
 
 Backends: CUDA tensors and plain temperature/greedy -> Triton; CPU -> native if built, else
 PyTorch; CUDA with top-k/top-p -> PyTorch.
+
+The one statement of the math is the PyTorch path, `paged_reference.sample_ref`; the other two are
+tested against it: the native op draws the same tokens for the same keys (tests/test_native_ops.py), the
+Triton kernel draws from the same distribution (chi-square, tests/test_rollout_kernels.py) and the same
+greedy tokens and log-probs (tests/test_kernels_cuda_configs.py). A new sampling option is written there
+first; until a fast path implements it, `sample` routes calls that use it to that path.
 """
 
 from __future__ import annotations
