@@ -175,7 +175,10 @@ def main():
             default_sizes(device == "cuda") if what == "layer" or device == "cuda"
             else ["128x8x256", "1024x8x256", "128x8x1024", "1024x8x1024"])
         modes = [f"{what}:{s}" for s in sizes.split(",")]
-        res = run_all(os.path.abspath(__file__), variants, modes, device, a.reps, sys.argv[1:], memory=not a.no_mem)
+        # Plain packing of a long prompt can outgrow a CPU machine's RAM where sharing fits: then each
+        # variant is timed in its own child, so the shared path is still measured.
+        res = run_all(os.path.abspath(__file__), variants, modes, device, a.reps, sys.argv[1:], memory=not a.no_mem,
+                      alone_on_failure=True)
         header = ["P x G x C"] + [f"{v} ms" for v in variants] + [f"{v} MiB" for v in variants] + \
                  ["shared vs plain (time)", "shared vs plain (mem)", "tree / shared (time)"]
         rows = []
@@ -184,7 +187,8 @@ def main():
             t = {v: r[v].get("time") for v in variants}
             m = {v: r[v].get("mem") for v in variants}
             cell = lambda v, x: r[v]["skip"] if "skip" in r[v] else x  # noqa: E731
-            rows.append([mode.split(":")[1]] + [cell(v, fmt_ms(t[v])) for v in variants]
+            timed = lambda v: fmt_ms(t[v]) + (" (alone)" if r[v].get("alone") else "")  # noqa: E731
+            rows.append([mode.split(":")[1]] + [cell(v, timed(v)) for v in variants]
                         + [cell(v, fmt_mib(m[v])) for v in variants]
                         + [ratio(t.get("plain"), t.get("shared")) + " faster", ratio(m.get("shared"), m.get("plain")),
                            ratio(t.get("tree"), t.get("shared"))])
@@ -198,6 +202,9 @@ def main():
                     f"completions of C tokens in one micro-batch.")
         desc += (" 'x faster' = plain time / shared time; memory ratio = shared / plain peak extra memory; "
                  "'tree / shared' = how many times slower the former tree-mask default is.")
+        if any(res[v, mode].get("alone") for v in variants for mode in modes):
+            desc += (" '(alone)': the interleaved timing of that size failed (a variant did not fit or crashed), so "
+                     "each variant was timed in its own process, one after the other.")
         if a.threads:
             desc += f" torch.set_num_threads({a.threads})."
         if a.no_mem:

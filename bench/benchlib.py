@@ -33,6 +33,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -175,13 +176,15 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float 
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
                               timeout=timeout)
         out, err, why = proc.stdout, proc.stderr, f"failed (exit {proc.returncode})"
+        if proc.returncode == -signal.SIGKILL:  # no traceback, no output: say what usually sends it
+            why = "killed by SIGKILL (on Linux usually the out-of-memory killer: the case does not fit in RAM)"
     except subprocess.TimeoutExpired as exc:  # its output is bytes whatever text= says
         out, err, why = "", (exc.stderr or b"").decode(errors="replace"), f"timed out after {timeout:.0f} s"
         proc = None
     wall = time.perf_counter() - t0
     answers = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
     if proc is None or proc.returncode != 0 or not answers:
-        tail = err.strip().splitlines() or ["(no output)"]
+        tail = err.strip().splitlines() or [why if proc is not None and proc.returncode < 0 else "(no output)"]
         print(f"  {label or ' '.join(cmd[1:3])} {why}:\n" + "\n".join(tail[-15:]), file=sys.stderr, flush=True)
         return {"error": tail[-1][:160], "failed": why, "log": "\n".join(tail[-25:]), "wall_s": wall}
     return {**json.loads(answers[-1][len(RESULT_MARK):]), "wall_s": wall}
@@ -228,24 +231,31 @@ class Results(dict):
 
 
 def _measure(script: str, variants: list[str], mode: str, what: str, device: str, reps: int,
-             extra: list[str]) -> dict:
+             extra: list[str], alone_on_failure: bool = False) -> dict:
     env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if what == "mem" and device == "cpu" else {}
     cmd = [sys.executable, script, *extra, "--child", ",".join(variants), mode, what, device, str(reps)]
     res = run_child(cmd, env, label=f"{os.path.basename(script)} {mode} {what}")
     res.pop("wall_s")
+    if "error" in res and len(variants) > 1 and alone_on_failure:
+        # One variant may not fit (or may crash) where the others would: time each in its own child, so
+        # the others are still measured; not interleaved then ("alone": the caller's table says so).
+        print(f"  {mode}: the interleaved run failed; timing each variant alone", file=sys.stderr, flush=True)
+        alone = {v: _measure(script, [v], mode, what, device, reps, extra)[v] for v in variants}
+        return {v: r if "skip" in r else {**r, "alone": True} for v, r in alone.items()}
     if "error" in res:
         return {v: {"skip": f"failed: {res['error'][:120]}"} for v in variants}
     return res
 
 
 def run_all(script: str, variants: list[str], modes: list[str], device: str, reps: int, extra: list[str],
-            memory: bool = True) -> Results:
+            memory: bool = True, alone_on_failure: bool = False) -> Results:
     """Per mode: one child timing all variants interleaved, then (memory=True) one fresh child per variant
-    for its peak memory."""
+    for its peak memory. alone_on_failure: if the interleaved child fails, time each variant in its own
+    child and mark those results "alone" (for benches whose variants may not all fit in memory)."""
     results = Results()
     for mode in modes:
         t0 = time.perf_counter()
-        timed_ = _measure(script, variants, mode, "time", device, reps, extra)
+        timed_ = _measure(script, variants, mode, "time", device, reps, extra, alone_on_failure)
         for v in variants:
             res = dict(timed_.get(v, {"skip": "missing"}))
             if memory and "skip" not in res:

@@ -1,8 +1,10 @@
 """bench/benchlib.py keeps bench/RESULTS.md at the latest run of each benchmark per machine kind: a new
 section replaces the older one of the same title and machine kind in place, and the older one moves to
-the history file."""
+the history file. Its measuring children: a child that is killed is reported as such, and a bench whose
+variants may not all fit in memory still measures the ones that do."""
 
 import sys
+import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -103,3 +105,31 @@ def test_readme_recommends_what_bench_learning_runs():
         options = recommended[size][recommended[size].index("--digits"):]
         pairs = lambda opts: sorted(" ".join(opts).replace(" --", "\n--").splitlines())  # noqa: E731
         assert pairs(options) == pairs(bench_learning.RUNS[size]), size
+
+
+def killing_child(tmp_path: Path) -> str:
+    """A run_all child that answers a time for its variants, or is SIGKILLed (as by the out-of-memory
+    killer) when it is asked to build the variant 'big'."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(benchlib.__file__).parent)!r})
+        from benchlib import emit
+        variants = sys.argv[sys.argv.index("--child") + 1].split(",")
+        if "big" in variants:
+            os.kill(os.getpid(), signal.SIGKILL)
+        emit({{v: {{"time": 0.5}} for v in variants}})
+    """))
+    return str(script)
+
+
+def test_a_killed_variant_costs_only_its_own_figures_when_asked(tmp_path):
+    script = killing_child(tmp_path)
+    res = benchlib.run_all(script, ["small", "big"], ["m"], "cpu", 1, [], memory=False, alone_on_failure=True)
+    assert res["small", "m"] == {"time": 0.5, "alone": True}  # timed in its own child, and marked so
+    assert "killed by SIGKILL" in res["big", "m"]["skip"] and "out-of-memory" in res["big", "m"]["skip"]
+    # By default one interleaved child times all variants: its failure is every variant's.
+    res = benchlib.run_all(script, ["small", "big"], ["m"], "cpu", 1, [], memory=False)
+    assert all("killed by SIGKILL" in res[v, "m"]["skip"] for v in ("small", "big"))
+    # A child that succeeds is unmarked.
+    assert benchlib.run_all(script, ["small"], ["m"], "cpu", 1, [], memory=False)["small", "m"] == {"time": 0.5}
