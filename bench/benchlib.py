@@ -184,7 +184,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float 
     wall = time.perf_counter() - t0
     answers = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
     if proc is None or proc.returncode != 0 or not answers:
-        tail = err.strip().splitlines() or [why if proc is not None and proc.returncode < 0 else "(no output)"]
+        tail = err.strip().splitlines() or [f"{why}, no output"]
         print(f"  {label or ' '.join(cmd[1:3])} {why}:\n" + "\n".join(tail[-15:]), file=sys.stderr, flush=True)
         return {"error": tail[-1][:160], "failed": why, "log": "\n".join(tail[-25:]), "wall_s": wall}
     return {**json.loads(answers[-1][len(RESULT_MARK):]), "wall_s": wall}

@@ -122,17 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun, join the other ranks (a rendezvous: every rank has checked the output directory before
     # rank 0 writes to it); a plain start is a single process.
     dist = distributed.init_distributed(cfg.dist_timeout, cfg.device)
-    finished = False
+    code = None
     try:
         code = run(cfg, output, resume_from, dist)
-        finished = True
         return code
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt) and dist.fail(exc):
             return 1  # another rank failed first; rank 0 printed which and why
         raise
     finally:
-        distributed.close(dist, finished)
+        # Only a run that finished (exit 0) waits for its peers: after Ctrl-C (130) one may be gone.
+        distributed.close(dist, finished=code == 0)
 
 
 def _run_dir(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path | None]:

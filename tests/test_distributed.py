@@ -188,3 +188,15 @@ def test_a_failed_or_hung_rank_stops_the_run_with_a_message(tiny, tmp_path, task
         assert "[default0]:error: rank 0 at step 2: " in proc.stderr
     assert elapsed < 60
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("code,waits", [(0, True), (130, False), (1, False)])
+def test_only_a_finished_run_waits_for_its_peers_before_leaving(tiny, tmp_path, monkeypatch, code, waits):
+    """close() meets the other ranks at a barrier only after a run that finished; after Ctrl-C (130) or a
+    handled failure (1) a peer may be gone, and a barrier would hang until --dist-timeout."""
+    import rlvr_fast.train as train
+    seen = []
+    monkeypatch.setattr(train, "run", lambda *a: code)
+    monkeypatch.setattr(train.distributed, "close", lambda d, finished=False: seen.append(finished))
+    assert main(args(tiny, tmp_path / "run", "--task", "digits-uneven")) == code
+    assert seen == [waits]
