@@ -4,6 +4,7 @@
     python bench/bench_learning.py --sizes 1x1 2x2     # some of them
     python bench/bench_learning.py --sizes 2x2 --extra --steps 10   # options added to every run
     python bench/bench_learning.py --compare RUN_DIR RUN_DIR ... --title "GRPO settings from one cold start"
+    python bench/bench_learning.py --sizes 4x2 --control --seeds 0 1 2   # GRPO against supervised steps
 
 Each size runs the main command (`python -m rlvr_fast.train --task multiply`) with the options the README
 recommends for it (RUNS below), in its own process, on this machine as it is. The table it appends to
@@ -16,12 +17,21 @@ start alone, and after GRPO. Each run's plot is copied to bench/learning/<size>.
 cold-start model, `--model OUT/cold-start`): the options in which their config.json differ, the
 held-out accuracy at every evaluation, the GRPO steps' summed time and the gain over the first
 evaluation (for a run with its own cold start: the evaluation after it). Every figure is read from the runs' own files.
+
+--control answers whether GRPO does the learning, or whether training the cold start longer would do as well. Per
+seed it runs the recipe, then the control: the same cold-start model (`--model RUN/cold-start`) continued with
+supervised steps on the same demonstrations at the cold start's learning rate (`--method sft`) until their summed
+step time equals that of the recipe's GRPO steps (`--max-train-minutes`), evaluated on the same held-out problems
+about as often. The table gives each seed's figures and their mean with its standard error over seeds; the plot
+(bench/learning/<size>-control.png) has held-out accuracy against training minutes after the cold start for both,
+and GRPO's sampled training accuracy and entropy per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -58,18 +68,28 @@ def held_out(evals: list[dict]) -> tuple[float | None, float | None, float | Non
     return before, cold, after
 
 
-def run(size: str, extra: list[str]) -> list[str]:
-    options = RUNS[size] + extra
-    out = Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_")) / "run"
+def train(options: list[str], out: Path) -> tuple[float, float, float]:
+    """Run the main command with these options into `out`: (wall seconds, load average before, after)."""
     cmd = [sys.executable, "-m", "rlvr_fast.train", "--task", "multiply", *options, "--output", str(out)]
     print("running:", " ".join(cmd), flush=True)
     load_before, seconds = os.getloadavg()[0], []
     with timed(seconds):
         proc = subprocess.run(cmd)
-    load_after = os.getloadavg()[0]
     if proc.returncode != 0:
-        raise SystemExit(f"{size}: the run failed (exit {proc.returncode}); its output is in {out}")
-    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        raise SystemExit(f"the run failed (exit {proc.returncode}); its output is in {out}")
+    return seconds[0], load_before, os.getloadavg()[0]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run(size: str, extra: list[str]) -> list[str]:
+    options = RUNS[size] + extra
+    out = Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_")) / "run"
+    wall, load_before, load_after = train(options, out)
+    seconds = [wall]
+    evals = read_jsonl(out / "eval.jsonl")
     before, cold, after = held_out(evals)
     PLOTS.mkdir(exist_ok=True)
     shutil.copy(out / "plot.png", PLOTS / f"{size}.png")
@@ -77,6 +97,169 @@ def run(size: str, extra: list[str]) -> list[str]:
     return [size, "`" + (" ".join(options) or "(defaults)") + "`", f"{seconds[0] / 60:.1f} min",
             f"{load_before:.1f} / {load_after:.1f}", f"{evals[0]['size']}", fmt(before), fmt(cold), fmt(after),
             f"[plot](learning/{size}.png)"]
+
+
+def option_value(options: list[str], flag: str) -> str | None:
+    """The last value given to `flag` in an option list (as argparse reads it), or None."""
+    values = [options[i + 1] for i, o in enumerate(options[:-1]) if o == flag]
+    return values[-1] if values else None
+
+
+def config_options(config: dict) -> list[str]:
+    """A run's config.json as the command-line options that give it (every one, since a task may suggest defaults
+    of its own for options not given; not --output or --resume)."""
+    from dataclasses import fields
+
+    from rlvr_fast.grpo.config import TrainConfig
+    default = TrainConfig().to_dict()
+    options = []
+    for f in fields(TrainConfig):
+        value = config.get(f.name, default[f.name])
+        if f.name in ("output", "resume"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(flag if value else "--no-" + flag[2:])
+        elif f.metadata.get("repeat"):
+            options += [x for v in value for x in (flag, str(v))]
+        elif isinstance(value, (list, tuple)):
+            options += [flag, *map(str, value)]
+        elif value is not None:
+            options += [flag, str(value)]
+    return options
+
+
+def cold_start_run(run: Path) -> Path | None:
+    """The run whose cold start this run's steps started from: itself, or the run that wrote its --model."""
+    if read_jsonl(run / "cold_start.jsonl"):
+        return run
+    model = json.loads((run / "config.json").read_text()).get("model")
+    if model and Path(model).name == "cold-start" and read_jsonl(Path(model).parent / "cold_start.jsonl"):
+        return Path(model).parent
+    return None
+
+
+def control_options(grpo_run: Path) -> list[str]:
+    """The control of a finished GRPO run (its own cold start, or one from a cold-start model): the model its GRPO
+    steps started from, continued with supervised steps on the same demonstrations at the cold start's learning
+    rate and batch, for the summed time of the GRPO steps, evaluated about as often (in minutes) as GRPO was."""
+    config = json.loads((grpo_run / "config.json").read_text())
+    source = cold_start_run(grpo_run)
+    steps = read_jsonl(grpo_run / "metrics.jsonl")
+    if source is None or not steps:
+        raise SystemExit(f"{grpo_run}: a control needs a finished GRPO run that started from a cold start")
+    cold, cold_config = read_jsonl(source / "cold_start.jsonl"), json.loads((source / "config.json").read_text())
+    grpo_minutes = sum(m["step_time_s"] for m in steps) / 60
+    sft_step_s = sum(m["step_time_s"] for m in cold) / len(cold)
+    grpo_eval_every = config["eval_every"] or len(steps)
+    eval_every = max(1, round(grpo_eval_every * (60 * grpo_minutes / len(steps)) / sft_step_s))
+    model = grpo_run / "cold-start" if source == grpo_run else Path(config["model"])
+    # Later options win: the run's task, sizes, seed and evaluation stay; its GRPO settings do not apply.
+    return [*config_options(config), "--model", str(model), "--cold-start-steps", "0", "--method", "sft",
+            "--lr", str(cold_config["cold_start_lr"]), "--cold-start-batch", str(cold_config["cold_start_batch"]),
+            "--warmup-steps", "0", "--schedule", "constant", "--steps", "1000000",
+            "--max-train-minutes", f"{grpo_minutes:.4f}", "--eval-every", str(eval_every), "--save-every", "0"]
+
+
+def curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(training minutes, held-out accuracy) from the model the steps started with to the end."""
+    evals = [e for e in read_jsonl(run_dir / "eval.jsonl") if e["set"] == "target"]
+    cold = [e for e in evals if e.get("after_cold_start")]
+    start = cold[-1:] or evals[:1]  # a recipe run: after its cold start; a control run: its model as loaded
+    return [(e.get("train_seconds", 0.0) / 60, e["accuracy"]) for e in start + [e for e in evals if e["step"] > 0]]
+
+
+def mean_se(xs: list[float]) -> str:
+    if len(xs) < 2:
+        return f"{xs[0]:.3f}" if xs else "-"
+    mean = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    return f"{mean:.3f} ± {se:.3f}"
+
+
+def control_table(size: str, pairs: list[tuple[int, Path, Path, float]]) -> str:
+    """One row per seed (recipe run, control run, the recipe command's wall seconds) and their means."""
+    header = ["run", "before", "after cold start", "GRPO (end)", "supervised control (end)", "GRPO - control",
+              "GRPO - cold start", "GRPO steps, their time", "control steps, their time", "recipe command wall time"]
+    rows, cols = [], {k: [] for k in ("before", "cold", "grpo", "sft", "diff", "gain")}
+    for seed, grpo_run, sft_run, wall in pairs:
+        source = cold_start_run(grpo_run) or grpo_run
+        before = held_out(read_jsonl(source / "eval.jsonl"))[0]
+        cold, grpo, sft = curve(grpo_run)[0][1], curve(grpo_run)[-1][1], curve(sft_run)[-1][1]
+        g_steps, s_steps = read_jsonl(grpo_run / "metrics.jsonl"), read_jsonl(sft_run / "metrics.jsonl")
+        vals = {"before": before, "cold": cold, "grpo": grpo, "sft": sft, "diff": grpo - sft, "gain": grpo - cold}
+        for k, v in vals.items():
+            cols[k].append(v)
+        rows.append([str(seed), f"{before:.3f}", f"{cold:.3f}", f"{grpo:.3f}", f"{sft:.3f}", f"{grpo - sft:+.3f}",
+                     f"{grpo - cold:+.3f}", f"{len(g_steps)}, {sum(m['step_time_s'] for m in g_steps) / 60:.1f} min",
+                     f"{len(s_steps)}, {sum(m['step_time_s'] for m in s_steps) / 60:.1f} min",
+                     f"{wall / 60:.1f} min" if wall else "-"])
+    if len(pairs) > 1:
+        rows.append([f"mean ± s.e. ({len(pairs)} runs)", *(mean_se(cols[k]) for k in cols), "", "", ""])
+    evals = read_jsonl(pairs[0][1] / "eval.jsonl")
+    options = json.loads((pairs[0][2] / "config.json").read_text())
+    grpo_options = non_default(json.loads((pairs[0][1] / "config.json").read_text()))
+    return (markdown_table(header, rows) + f"\n\nHeld-out problems: {evals[0]['size']} per evaluation (greedy, the same "
+            f"problems in every run). The control continues each seed's cold-start model with supervised steps on the "
+            f"task's demonstrations (`--method sft`, lr {options['lr']:g}, {options['cold_start_batch']} problems per "
+            f"step) until their summed step time reaches that of the seed's GRPO steps. The first GRPO run's options (config.json, where not the default): "
+            f"`{grpo_options}`. [plot](learning/{size}-control.png)")
+
+
+def control_plot(size: str, pairs: list[tuple[int, Path, Path, float]], path: Path) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 8), dpi=72, layout="constrained")
+    held, sampled, entropy = fig.subplots(3, 1, sharex=True, height_ratios=[2, 1, 1])
+    fig.suptitle(f"{size}: GRPO against supervised steps of the same time from the same start\n(solid: GRPO; "
+                 f"dashed: supervised control)")
+    for i, (seed, grpo_run, sft_run, _) in enumerate(pairs):
+        color = f"C{i}"
+        for run_dir, style, name in ((grpo_run, "o-", "GRPO"), (sft_run, "s--", "supervised control")):
+            xs, ys = zip(*curve(run_dir))
+            held.plot(xs, ys, style, color=color, label=f"{name}, {seed}")
+        steps = read_jsonl(grpo_run / "metrics.jsonl")
+        minutes = [sum(m["step_time_s"] for m in steps[:k + 1]) / 60 for k in range(len(steps))]
+        sampled.plot(minutes, [m["accuracy"] for m in steps], color=color, label=str(seed))
+        entropy.plot(minutes, [m["entropy"] if m.get("entropy") is not None else float("nan") for m in steps],
+                     color=color, label=str(seed))
+    held.set_ylabel("held-out accuracy (greedy)")
+    sampled.set_ylabel("GRPO: sampled\ntraining accuracy")
+    entropy.set_ylabel("GRPO: entropy\n(nats/token)")
+    entropy.set_xlabel("minutes of training steps after the cold start (evaluations excluded)")
+    for ax in (held, sampled, entropy):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+
+
+def run_control(size: str, extra: list[str], seeds: list[int], keep: Path | None) -> None:
+    root = keep or Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_control_"))
+    pairs = []
+    for seed in seeds:
+        options = RUNS[size] + extra + ["--seed", str(seed)]
+        grpo_run, sft_run = root / f"{size}-seed{seed}-grpo", root / f"{size}-seed{seed}-control"
+        wall = train(options, grpo_run)[0]
+        train(control_options(grpo_run), sft_run)
+        pairs.append((f"seed {seed}", grpo_run, sft_run, wall))
+    publish_control(size, pairs, f"per seed: the recipe (`{' '.join(RUNS[size] + extra)}`), then its control; "
+                                 f"runs kept in {root}")
+
+
+def run_control_of(name: str, runs: list[Path], title: str) -> None:
+    """The control of GRPO runs already finished (e.g. settings tried from one cold-start model)."""
+    pairs = []
+    for grpo_run in runs:
+        sft_run = grpo_run.with_name(grpo_run.name + "-control")
+        train(control_options(grpo_run), sft_run)
+        pairs.append((grpo_run.name, grpo_run, sft_run, None))  # no recipe command: no wall time of one
+    publish_control(name, pairs, f"the control of each finished GRPO run, beside it (RUN-control)", title)
+
+
+def publish_control(name: str, pairs: list, method: str, title: str | None = None) -> None:
+    control_plot(name, pairs, PLOTS / f"{name}-control.png")
+    title = title or f"Learning multiplication {name}: GRPO against supervised steps of the same time (bench_learning --control)"
+    publish(title, control_table(name, pairs), "cpu", method=f"{method}; {os.cpu_count()} cores")
 
 
 def non_default(config: dict) -> str:
@@ -122,9 +305,24 @@ def main() -> None:
                         help="options added to every run (e.g. --steps 10), after the recommended ones")
     parser.add_argument("--compare", nargs="+", type=Path, help="tabulate these finished run directories instead")
     parser.add_argument("--title", default="Learning multiplication: runs compared (bench_learning --compare)")
+    parser.add_argument("--control", action="store_true",
+                        help="per seed, the recipe and its supervised control of the same time (see above)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="--control: the seeds to run")
+    parser.add_argument("--keep", type=Path, help="--control: keep the runs in this directory (default: a temporary one)")
+    parser.add_argument("--control-of", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run the control of these finished GRPO runs (each beside it, RUN_DIR-control) and "
+                             "tabulate the pairs; --name names the plot (bench/learning/NAME-control.png)")
+    parser.add_argument("--name", default="runs", help="--control-of: the plot's name")
     args = parser.parse_args()
     if args.compare:
         return compare(args.compare, args.title)
+    if args.control_of:
+        title = None if args.title == parser.get_default("title") else args.title
+        return run_control_of(args.name, args.control_of, title)
+    if args.control:
+        for size in args.sizes:
+            run_control(size, args.extra, args.seeds, args.keep)
+        return
     header = ["size", "options (after `python -m rlvr_fast.train --task multiply`)", "wall time",
               "load avg before / after", "held-out problems", "accuracy before", "after cold start", "after GRPO",
               "plot"]

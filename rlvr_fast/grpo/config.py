@@ -28,6 +28,7 @@ from rlvr_fast.kernels.loss_options import LossConfig, LossOptionError
 from rlvr_fast.model.lora import ALL_TARGETS, LoRAConfig
 
 SCHEDULES = ("constant", "cosine", "linear")
+METHODS = ("grpo", "sft")
 SHARDS = ("none", "fsdp")
 REPORTERS = ("tensorboard", "wandb")
 
@@ -128,6 +129,12 @@ class UpdateOptions:
     """Policy update: advantages, optimizer, schedule, micro-batches (trainer.py, batching.py)."""
 
     steps: int = opt(30, "GRPO optimizer steps (0 = only the cold start and the evaluations)")
+    method: str = opt("grpo", "what a step does: grpo (sample, score, update), or sft: one more supervised step on "
+                              "the task's demonstrations, as the cold start's but at --lr and its schedule (the "
+                              "control a GRPO run is measured against: bench/bench_learning.py --control)",
+                      choices=METHODS)
+    max_train_minutes: float = opt(0.0, "stop after this many minutes of steps (their summed step time: evaluations "
+                                        "and checkpoints excluded), or at --steps, whichever comes first (0 = no limit)")
     lr: float = opt(3e-5, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(2, "linear warm-up steps")
@@ -142,7 +149,8 @@ class UpdateOptions:
     grad_checkpoint: bool = opt(False, "recompute each decoder layer's activations in backward")
 
     def check(self) -> None:
-        _require(self, positive=("num_iterations", "micro_batch_tokens"), non_negative=("steps", "warmup_steps"), checks=(
+        _require(self, positive=("num_iterations", "micro_batch_tokens"),
+                 non_negative=("steps", "warmup_steps", "max_train_minutes"), checks=(
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
         ))

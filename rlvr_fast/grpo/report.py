@@ -36,6 +36,9 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(m: dict[str, Any], total_steps: int, eta_s: float) -> str:
+    if m.get("method") == "sft":  # a supervised step (--method sft): no rollout
+        return (f"step {m['step']:>4}/{total_steps} | supervised | nll {m['nll']:.3f} | grad norm {m['grad_norm']:.2f} | "
+                f"{m['tokens']} tokens | {m['step_time_s']:.1f}s/step | eta {format_duration(eta_s)}")
     # None: every group had equal rewards, no update
     kl = "-" if m["kl"] is None else f"{m['kl']:.4f}"
     ent = "-" if m.get("entropy") is None else f"{m['entropy']:.2f}"
@@ -49,7 +52,7 @@ PANELS = (
     # (y label, [(metric key, legend label)], y limits or None)
     ("fraction (0-1); reward", [("reward_mean", "reward (train, mean)"), ("accuracy", "accuracy (train samples)"),
                         ("format_rate", "format (train samples)"), ("signal_frac", "groups with signal")], (-0.03, 1.05)),
-    ("entropy (nats/token)", [("entropy", "policy entropy\n(trained tokens)")], None),
+    ("nats/token", [("entropy", "policy entropy\n(trained tokens)"), ("nll", "supervised NLL\n(--method sft)")], None),
     ("KL (nats/token)", [("kl", "KL to reference")], None),
     ("tokens", [("completion_len_mean", "completion length\n(mean)")], None),
 )
@@ -87,11 +90,11 @@ def write_plot(path: Path, metrics: list[dict[str, Any]], evals: list[dict[str, 
         axes[0].plot([0], [cold[-1]["accuracy"]], "*", color="red", markersize=13, label="held-out accuracy after\nthe cold start")
     if later:
         axes[0].plot([e["step"] for e in later], [e["accuracy"] for e in later], "o-", color="black",
-                     label="held-out accuracy\nduring GRPO")
+                     label="held-out accuracy\nduring the steps")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[-1].set_xlabel("GRPO step (optimizer updates)")
+    axes[-1].set_xlabel("step (optimizer updates)")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)

@@ -17,6 +17,10 @@
 Before step 1, --cold-start-steps supervised steps on the task's demonstrations (the cold start of
 DeepSeek-R1) can teach a small model the answer's form and a way to reason towards it, so that GRPO
 has rewarded samples to compare; the KL reference is then the model after them (`cold_start`).
+
+--method sft makes every step one more such supervised step instead (`sft_step`): the control that
+shows whether GRPO's gain is more than what simply training the cold start longer gives. With
+--max-train-minutes both kinds of run stop after the same summed step time.
 """
 
 from __future__ import annotations
@@ -110,19 +114,21 @@ def rollout_metrics(ro: Rollout, keep: list[int], zero_std: torch.Tensor) -> dic
 
 
 def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
-    if not cfg.cold_start_steps:
+    """Supervised steps (the cold start, or --method sft) need demonstrations that fit the completion limit."""
+    flag = "--cold-start-steps" if cfg.cold_start_steps else "--method sft" if cfg.method == "sft" else None
+    if flag is None:
         return
     if not hasattr(task, "demonstrations"):
-        raise ValueError(f"--cold-start-steps needs a task with demonstrations (a method demonstrations(rng, n), "
-                         f"see FunctionPickTask); task {task.name!r} has none: drop --cold-start-steps")
+        raise ValueError(f"{flag} needs a task with demonstrations (a method demonstrations(rng, n), "
+                         f"see FunctionPickTask); task {task.name!r} has none: drop {flag}")
     if tokenizer.eos_token_id is None:
-        raise ValueError("--cold-start-steps: the tokenizer has no EOS token to end the demonstrations with; "
-                         "give the model's tokenizer_config.json an eos_token, or drop --cold-start-steps")
+        raise ValueError(f"{flag}: the tokenizer has no EOS token to end the demonstrations with; "
+                         f"give the model's tokenizer_config.json an eos_token, or drop {flag}")
     # A model taught completions longer than --max-new-tokens would be cut off before its answer in every rollout.
     longest = max(len(tokenizer.encode(text, add_special_tokens=False)) + 1
                   for _, texts in task.demonstrations(random.Random(0), 16) for text in texts)
     if longest > cfg.max_new_tokens:
-        raise ValueError(f"--cold-start-steps: the task's demonstrations take up to {longest} tokens, more than "
+        raise ValueError(f"{flag}: the task's demonstrations take up to {longest} tokens, more than "
                          f"--max-new-tokens {cfg.max_new_tokens}: raise --max-new-tokens to at least {longest + 8}")
 
 
@@ -153,7 +159,7 @@ class GRPOTrainer:
             lora = dataclasses.replace(cfg.lora(), base_model=self.base_model_path())
             apply_lora(model, lora, cfg.seed)  # base frozen; only the adapters train
         self.ref_model = None
-        if cfg.beta > 0 and not has_lora(model):  # frozen initial weights; a resumed run passes them in, loaded from --model
+        if cfg.beta > 0 and cfg.method == "grpo" and not has_lora(model):  # frozen initial weights; a resumed run passes them in, loaded from --model
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         if fsdp is not None:
             fsdp.shard(model, self.ref_model)
@@ -170,6 +176,7 @@ class GRPOTrainer:
         self.rng = random.Random(cfg.seed)  # training problems; checkpointed with the run
         self.step = 0
         self.cold_start_done = 0  # cold-start steps taken
+        self.train_seconds = 0.0  # the steps' summed time, for --max-train-minutes and the evaluations' time axis
         check_cold_start(cfg, task, tokenizer)
         self.bad_steps = 0
         self.scorer = Scorer(task, cfg.reward_workers, cfg.reward_timeout, strict=cfg.strict_rewards)
@@ -415,8 +422,10 @@ class GRPOTrainer:
         }
 
     def train_step(self) -> dict[str, Any]:
-        """rollout -> score -> advantages -> update -> log."""
+        """rollout -> score -> advantages -> update -> log (--method sft: a supervised step instead)."""
         cfg = self.cfg
+        if cfg.method == "sft":
+            return self.sft_step()
         reset_peak_memory(self.device)
         t0 = time.perf_counter()
         self.dist.step = self.step
@@ -431,14 +440,10 @@ class GRPOTrainer:
              "step_time_s": time.perf_counter() - t0,
              "peak_memory_gb": peak_memory_bytes(self.device) / 1e9,  # this step's peak (see grpo/memory.py)
              "peak_memory_scope": peak_memory_scope(self.device), **task_metrics}
-        self.metrics.write(m)
-        if self.reporters is not None:
-            self.reporters.log(m, self.step, "train/")
+        self.log_step(m)
         if note:
             print(note)
-        if self.bad_steps >= cfg.max_bad_steps:
-            raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
-                                "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
+        self.check_bad_steps()
         if cfg.sample_every and self.step % cfg.sample_every == 0:
             for problem, group, comps, rewards in list(zip(ro.problems, ro.completions, ro.components, ro.rewards))[:2]:
                 for c, comp, reward in list(zip(group, comps, rewards.tolist()))[:2]:
@@ -448,38 +453,73 @@ class GRPOTrainer:
 
     # ---- cold start ----------------------------------------------------------------------
 
-    def cold_start(self) -> None:
-        """--cold-start-steps supervised steps on the task's demonstrations: `task.demonstrations(rng, n)` gives n
-        training problems, each with completions in the expected form, trained as one group (the prompt fed
-        once) with `nll_loss` and an AdamW of their own, discarded after, so GRPO's optimizer starts fresh.
-        The KL reference then becomes the model as it is now; a copy goes to OUTPUT/cold-start, where a
-        resumed run reads its reference."""
+    def log_step(self, m: dict[str, Any]) -> None:
+        self.train_seconds += m["step_time_s"]
+        self.metrics.write(m)
+        if self.reporters is not None:
+            self.reporters.log(m, self.step, "train/")
+
+    def check_bad_steps(self) -> None:
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise TrainingError(f"{self.bad_steps} consecutive updates had NaN/Inf loss or gradients; stopping. "
+                                "The last good checkpoint is untouched; try a lower --lr or --dtype float32.")
+
+    def out_of_time(self) -> bool:
+        return bool(self.cfg.max_train_minutes) and self.train_seconds >= 60 * self.cfg.max_train_minutes
+
+    # ---- supervised steps: the cold start, and --method sft ----------------------------
+
+    def supervised_step(self, optimizer: torch.optim.Optimizer, lr: float, rng: random.Random,
+                        noise_key: int) -> dict[str, Any]:
+        """One supervised step: `task.demonstrations(rng, n)` gives n training problems, each with completions in
+        the expected form, trained as one group (the prompt fed once) with `nll_loss`: the completion tokens'
+        mean negative log-likelihood, the end token included."""
         cfg = self.cfg
         eos = self.tokenizer.eos_token_id  # check_cold_start refused a tokenizer without one
+        demos = self.task.demonstrations(rng, cfg.cold_start_batch or cfg.prompts_per_step)  # the same on every rank
+        samples = []
+        for i, (problem, texts) in enumerate(demos[self.dist.local_slice(len(demos))]):
+            prompt = self.encode_prompt(problem)
+            for text in texts:
+                ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
+                samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
+        micro_batches, num_samples, num_tokens = self.pack(samples)
+
+        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
+            loss, nll = nll_loss(hidden, self.model.lm_head.weight, mb.targets, mb.mask, cfg.temperature)
+            share = mb.num_tokens / num_tokens  # token means of the micro-batches -> the step's token mean
+            return loss * share, {"loss": loss.detach() * share, "nll": nll / num_tokens}
+        upd = self._optimizer_step(optimizer, lr, micro_batches, ("loss", "nll"), loss_fn, noise_key=noise_key)
+        return {"nll": upd["nll"], "grad_norm": upd["grad_norm"], "skipped_update": upd["skipped_update"],
+                "demonstrations": num_samples, "tokens": num_tokens, "lr": lr}
+
+    def sft_step(self) -> dict[str, Any]:
+        """--method sft: a supervised step where a GRPO step would be, with GRPO's optimizer, --lr and its schedule,
+        and the problem stream (self.rng, checkpointed) so a resumed run continues it."""
+        reset_peak_memory(self.device)
+        t0 = time.perf_counter()
+        self.dist.step = self.step
+        m = self.supervised_step(self.optimizer, self.lr_at(self.step), self.rng, noise_key=self.step)
+        self.step += 1
+        m = {"step": self.step, "method": "sft", **m, "step_time_s": time.perf_counter() - t0,
+             "peak_memory_gb": peak_memory_bytes(self.device) / 1e9, "peak_memory_scope": peak_memory_scope(self.device)}
+        self.log_step(m)
+        self.check_bad_steps()
+        return m
+
+    def cold_start(self) -> None:
+        """--cold-start-steps supervised steps (`supervised_step`) with an AdamW of their own, discarded after, so
+        GRPO's optimizer starts fresh. The KL reference then becomes the model as it is now; a copy goes to
+        OUTPUT/cold-start, where a resumed run reads its reference."""
+        cfg = self.cfg
         rng = random.Random(cfg.seed * 7919 + 1)  # apart from the GRPO problem stream
         optimizer = self._adamw(cfg.cold_start_lr)
         while self.cold_start_done < cfg.cold_start_steps:
             t0 = time.perf_counter()
-            demos = self.task.demonstrations(rng, cfg.cold_start_batch or cfg.prompts_per_step)  # the same on every rank
-            samples = []
-            for i, (problem, texts) in enumerate(demos[self.dist.local_slice(len(demos))]):
-                prompt = self.encode_prompt(problem)
-                for text in texts:
-                    ids = self.tokenizer.encode(text, add_special_tokens=False) + [eos]
-                    samples.append(Sample(prompt, ids, 1.0, len(samples), group=i))
-            micro_batches, num_samples, num_tokens = self.pack(samples)
-
-            def loss_fn(mb: MicroBatch, hidden: torch.Tensor, num_tokens: int = num_tokens):
-                loss, nll = nll_loss(hidden, self.model.lm_head.weight, mb.targets, mb.mask, cfg.temperature)
-                share = mb.num_tokens / num_tokens  # token means of the micro-batches -> the step's token mean
-                return loss * share, {"loss": loss.detach() * share, "nll": nll / num_tokens}
             # Cold-start steps draw their rounding noise apart from the GRPO steps'.
-            upd = self._optimizer_step(optimizer, cfg.cold_start_lr, micro_batches, ("loss", "nll"), loss_fn,
-                                       noise_key=-1 - self.cold_start_done)
+            m = self.supervised_step(optimizer, cfg.cold_start_lr, rng, noise_key=-1 - self.cold_start_done)
             self.cold_start_done += 1
-            m = {"cold_start_step": self.cold_start_done, "nll": upd["nll"], "grad_norm": upd["grad_norm"],
-                 "skipped_update": upd["skipped_update"], "demonstrations": num_samples, "tokens": num_tokens,
-                 "lr": cfg.cold_start_lr, "step_time_s": time.perf_counter() - t0}
+            m = {"cold_start_step": self.cold_start_done, **m, "step_time_s": time.perf_counter() - t0}
             self.cold_start_log.write(m)
             print(f"cold start {self.cold_start_done}/{cfg.cold_start_steps}: nll {m['nll']:.3f}, "
                   f"grad norm {m['grad_norm']:.2f}, {m['step_time_s']:.1f} s")
@@ -500,7 +540,8 @@ class GRPOTrainer:
         ro = self.rollout(problems, params, 1)
         comps = [row[0] for row in ro.components]
         outcome = summarize(comps)
-        result = {"step": self.step, "set": label, "size": len(problems), "accuracy": outcome["accuracy"],
+        result = {"step": self.step, "train_seconds": round(self.train_seconds, 3), "set": label,
+                  "size": len(problems), "accuracy": outcome["accuracy"],
                   "format_rate": outcome["format_rate"], "reward_mean": float(ro.rewards.mean()),
                   "components": outcome["components"],  # every component's mean, e.g. function-pick's confusion cells
                   "reward_errors": ro.reward_errors, "reward_timeouts": ro.reward_timeouts}
@@ -537,6 +578,9 @@ class GRPOTrainer:
         cfg = self.cfg
         model = Path(cfg.model).name if cfg.model else "SmolLM2-135M-Instruct"
         cold = f", {cfg.cold_start_steps} cold-start steps" if cfg.cold_start_steps else ""
+        if cfg.method == "sft":
+            return (f"Supervised steps (--method sft): {getattr(self.task, 'title', cfg.task)}, {model}{cold}\n"
+                    f"{cfg.cold_start_batch or cfg.prompts_per_step} demonstrated problems per step, lr {cfg.lr:g}")
         return (f"GRPO: {getattr(self.task, 'title', cfg.task)}, {model}{cold}\n{cfg.prompts_per_step} prompts x "
                 f"{cfg.group_size} completions per step, lr {cfg.lr:g}, temperature {cfg.temperature:g}")
 
@@ -546,7 +590,8 @@ class GRPOTrainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "master_weights": self.master.state_dict(),
                 "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
-                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "cold_start_done": self.cold_start_done}
+                "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "cold_start_done": self.cold_start_done,
+                "train_seconds": self.train_seconds}
 
     def save(self) -> Path:
         path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict(), dist=self.dist)
@@ -572,6 +617,7 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.bad_steps = state["bad_steps"]
         self.cold_start_done = state.get("cold_start_done", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
         if state["task"] is not None:
             self.task.load_state_dict(state["task"])
         for writer in (self.metrics, self.samples, self.evals):
@@ -591,12 +637,15 @@ class GRPOTrainer:
             cold = self.run_evals()
         grpo_start = time.perf_counter()  # the ETA is that of the GRPO steps, the cold start excluded
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not self.out_of_time():
                 m = self.train_step()
                 done = self.step - first_step
                 eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
+                if cfg.max_train_minutes:
+                    eta = min(eta, max(0.0, 60 * cfg.max_train_minutes - self.train_seconds))
                 print(progress_line(m, cfg.steps, eta))
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                last = self.step >= cfg.steps or self.out_of_time()  # the final evaluation follows the loop
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     self.run_evals()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
