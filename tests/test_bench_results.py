@@ -133,3 +133,24 @@ def test_a_killed_variant_costs_only_its_own_figures_when_asked(tmp_path):
     assert all("killed by SIGKILL" in res[v, "m"]["skip"] for v in ("small", "big"))
     # A child that succeeds is unmarked.
     assert benchlib.run_all(script, ["small"], ["m"], "cpu", 1, [], memory=False)["small", "m"] == {"time": 0.5}
+
+
+def test_multiply_errors_rows_add_up_and_split_by_carries():
+    """bench/multiply_errors.py: per model, accuracy and the first-wrong-step shares add up to 1, and accuracy by
+    carries counts each problem once."""
+    import multiply_errors
+    from rlvr_fast.tasks.multiply import MultiplyTask, answer_line, carries, worked_product
+    problems = MultiplyTask(digits=(2, 2), curriculum=False, eval_size=8).eval_problems()
+    texts = []
+    for i, p in enumerate(problems):
+        a, b = p.meta["a"], p.meta["b"]
+        worked = worked_product(a, b)
+        texts.append(worked + "\n" + answer_line(a * b) if i % 2 == 0 else worked + "\n" + answer_line(a * b + 1))
+    row = multiply_errors.error_row("m", texts, problems)
+    assert row[0] == "m" and row[1] == "0.500" and row[6] == "0.500"  # the odd ones: every step right, answer wrong
+    assert abs(sum(float(x) for x in row[1:9]) - 1) < 1e-9
+    counted = [int(cell.split("(")[1].rstrip(")")) for cell in row[9:] if cell != "-"]
+    assert sum(counted) == len(problems)
+    low = [i for i, p in enumerate(problems) if carries(p.meta["a"], p.meta["b"]) <= 2]
+    if low:
+        assert row[9] == f"{sum(i % 2 == 0 for i in low) / len(low):.2f} ({len(low)})"

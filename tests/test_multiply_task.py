@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from rlvr_fast.tasks.multiply import PROMPT, MultiplyTask, curriculum_levels, multiply_reward, worked_product
+from rlvr_fast.tasks.multiply import (PROMPT, MultiplyTask, answer_line, carries, curriculum_levels, first_wrong_step,
+                                      multiply_reward, worked_product)
 
 PRODUCT = 1497 * 63  # 94311
 
@@ -177,3 +178,29 @@ def test_demonstrations_without_curriculum_are_all_at_the_target_size():
     task = MultiplyTask(digits=(2, 2), curriculum=False)
     sizes = {(len(str(p.meta["a"])), len(str(p.meta["b"]))) for p, _ in task.demonstrations(random.Random(0), 40)}
     assert sizes == {(2, 2)}
+
+
+def test_first_wrong_step_names_where_a_completion_leaves_the_worked_product():
+    """47 * 38: the worked product has digit products, partial products, column sums and the running sum."""
+    worked = worked_product(47, 38)
+    right = worked + "\n" + answer_line(1786)
+    assert first_wrong_step(right, 47, 38) == "right"
+    # the answer line alone decides "right", whatever the argument (the blog's check)
+    assert first_wrong_step("Final Answer: the final answer is 1786. I hope it is correct.", 47, 38) == "right"
+    wrong = {"digit product": ("4*8+5=37", "4*8+5=36"), "partial product": ("so 47*8=376", "so 47*8=386"),
+             "column sum": ("3+4=7", "3+4=8"), "running sum": ("so 376+1410=1786", "so 376+1410=1796")}
+    for kind, (good, bad) in wrong.items():
+        assert first_wrong_step(right.replace(good, bad).replace("is 1786", "is 1"), 47, 38) == kind, kind
+    # a later slip does not hide an earlier one
+    two_slips = right.replace("4*8+5=37", "4*8+5=36").replace("3+4=7", "3+4=8").replace("is 1786", "is 1")
+    assert first_wrong_step(two_slips, 47, 38) == "digit product"
+    assert first_wrong_step(worked + "\n" + answer_line(1787), 47, 38) == "answer line"
+    assert first_wrong_step(worked.splitlines()[0], 47, 38) == "cut short"
+    assert first_wrong_step("47 times 38 is about 1800.\n" + answer_line(1800), 47, 38) == "other form"
+
+
+@pytest.mark.parametrize("a,b,expected", [(11, 11, 0),  # 1*1 ... and 11+110: no carry anywhere
+                                          (47, 38, 2),  # 4*8+5 and 4*3+2 add a carry; the sum 376+1410 has none
+                                          (99, 99, 4)])  # 9*9+8 twice; 891+8910: 1+1, 9+9 carry -> 9+8+1, 0+8+1
+def test_carries_counts_the_steps_that_carry(a, b, expected):
+    assert carries(a, b) == expected

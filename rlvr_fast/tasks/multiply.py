@@ -86,6 +86,49 @@ def worked_product(a: int, b: int) -> str:
     return "\n".join(lines)
 
 
+STEP_KINDS = ("digit product", "partial product", "column sum", "running sum", "answer line")
+"""The kinds of step in a worked product, in the order `first_wrong_step` names them."""
+
+
+def _steps(text: str) -> list[tuple[str, str]]:
+    """(kind, text) of each step of a worked product: its lines split at spaces, "so ..." joined to what follows."""
+    steps = []
+    for line in text.strip().splitlines():
+        if line.startswith("Final Answer"):
+            break
+        words = line.split()
+        if "so" in words:
+            head, tail = words[:words.index("so")], " ".join(words[words.index("so"):])
+        else:
+            head, tail = words, ""
+        summing = bool(head) and "*" not in head[0]
+        steps += [("column sum" if summing else "digit product", w) for w in head]
+        if tail:
+            steps.append(("running sum" if summing else "partial product", tail))
+    return steps
+
+
+def first_wrong_step(completion: str, a: int, b: int) -> str:
+    """Where a completion of a * b first leaves the worked product the cold start demonstrates (`worked_product`):
+    "right" (the blog's check passes), the kind of the first step that differs (STEP_KINDS; "answer line" when every
+    step is right and the answer is not), "cut short" when the steps it has are right but some are missing, or
+    "other form" when it does not follow the worked form."""
+    if extract_answer(completion) == a * b:
+        return "right"
+    want, got = _steps(worked_product(a, b)), _steps(completion)
+    for (kind, expected), (got_kind, text) in zip(want, got):
+        if expected != text:
+            return kind if got_kind == kind else "other form"
+    return "answer line" if len(got) == len(want) else "cut short" if len(got) < len(want) else "other form"
+
+
+def carries(a: int, b: int) -> int:
+    """How many steps of the worked product add a carried digit (`4*8+5=37`, `8+9+1=18`): the harder steps for a
+    small model."""
+    return sum(step.count("+") - (kind == "column sum") > 0 for kind, step in _steps(worked_product(a, b))
+               if kind in ("digit product", "column sum"))
+
+
 def answer_line(product: int) -> str:
     """The blog's answer line, which ANSWER_RE reads."""
     return f"Final Answer: the final answer is {product}. I hope it is correct."
