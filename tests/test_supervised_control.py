@@ -152,7 +152,7 @@ def test_control_options_match_the_grpo_time_from_the_runs_files(tmp_path, own_c
         model = source / "cold-start"
         grpo = write_run(tmp_path / "grpo", [(0, 0, 0.25, False), (4, 80, 0.5, False)], grpo_steps, **common,
                          model=str(model))
-        assert bench_learning.cold_start_run(grpo) == source
+        assert bench_learning.parent_run(grpo) == source
     opts = bench_learning.control_options(grpo)
     value = lambda flag: bench_learning.option_value(opts, flag)  # noqa: E731 (the last one given wins)
     assert value("--method") == "sft" and value("--lr") == "0.00015" and value("--cold-start-steps") == "0"
@@ -161,6 +161,27 @@ def test_control_options_match_the_grpo_time_from_the_runs_files(tmp_path, own_c
     assert float(value("--max-train-minutes")) == pytest.approx(80 / 60, abs=1e-4)
     # GRPO evaluated every 2 steps of 20 s = every 40 s; sft steps took 5 s (the cold start's): every 8 steps
     assert value("--eval-every") == "8"
+
+
+def test_the_control_of_a_run_from_a_supervised_runs_checkpoint_continues_those_steps(tmp_path):
+    """GRPO from the end of a --method sft run (itself from a cold start): its control continues the sft run's
+    steps (their lr, batch and step time), and the table's first model is the cold start's own first model."""
+    import bench_learning
+    cs = write_run(tmp_path / "cs", [(0, 0, 0.0, False), (0, 0, 0.25, True)], [], cold_steps=3,
+                   cold_start_lr=1.5e-4, cold_start_batch=8, cold_start_steps=3)
+    sft = write_run(tmp_path / "sft", [(0, 0, 0.25, False), (4, 40, 0.375, False)],
+                    [{"step": s, "step_time_s": 10.0, "method": "sft"} for s in (1, 2, 3, 4)],
+                    model=str(cs / "cold-start"), method="sft", lr=2e-4, cold_start_batch=6)
+    grpo = write_run(tmp_path / "grpo", [(0, 0, 0.375, False), (2, 40, 0.5, False)],
+                     [{"step": s, "step_time_s": 20.0, "accuracy": 0.4, "entropy": 0.1} for s in (1, 2)],
+                     model=str(sft / "checkpoint-4"), eval_every=1)
+    opts = bench_learning.control_options(grpo)
+    value = lambda flag: bench_learning.option_value(opts, flag)  # noqa: E731
+    assert value("--lr") == "0.0002" and value("--cold-start-batch") == "6" and value("--eval-every") == "2"
+    assert value("--model") == str(sft / "checkpoint-4")
+    assert bench_learning.first_model_accuracy(grpo) == 0.0
+    with pytest.raises(SystemExit, match="no GRPO step"):
+        bench_learning.control_options(sft)
 
 
 def test_control_table_and_plot_read_both_arms(tmp_path, monkeypatch):
