@@ -226,9 +226,10 @@ def control_table(size: str, pairs: list[tuple[int, Path, Path, float]]) -> str:
     options = json.loads((pairs[0][2] / "config.json").read_text())
     grpo_options = non_default(json.loads((pairs[0][1] / "config.json").read_text()))
     return (markdown_table(header, rows) + f"\n\nHeld-out problems: {evals[0]['size']} per evaluation (greedy, the same "
-            f"problems in every run). The control continues each seed's cold-start model with supervised steps on the "
-            f"task's demonstrations (`--method sft`, lr {options['lr']:g}, {options['cold_start_batch']} problems per "
-            f"step) until their summed step time reaches that of the seed's GRPO steps. The first GRPO run's options (config.json, where not the default): "
+            f"problems in every run). First model: the model the chain of runs started from (before any cold start). The "
+            f"control continues the model each GRPO run started from with supervised steps on the task's demonstrations "
+            f"(`--method sft`, lr {options['lr']:g}, {options['cold_start_batch']} problems per step, {CONTROL_WARMUP} "
+            f"warm-up steps) until their summed step time reaches that of the GRPO steps. The first GRPO run's options (config.json, where not the default): "
             f"`{grpo_options}`. [plot](learning/{size}-control.png)")
 
 
