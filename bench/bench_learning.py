@@ -30,10 +30,12 @@ and GRPO's sampled training accuracy and entropy per step.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,21 +90,14 @@ def run(size: str, extra: list[str]) -> list[str]:
     options = RUNS[size] + extra
     out = Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_")) / "run"
     wall, load_before, load_after = train(options, out)
-    seconds = [wall]
     evals = read_jsonl(out / "eval.jsonl")
     before, cold, after = held_out(evals)
     PLOTS.mkdir(exist_ok=True)
     shutil.copy(out / "plot.png", PLOTS / f"{size}.png")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-    return [size, "`" + (" ".join(options) or "(defaults)") + "`", f"{seconds[0] / 60:.1f} min",
+    return [size, "`" + (" ".join(options) or "(defaults)") + "`", f"{wall / 60:.1f} min",
             f"{load_before:.1f} / {load_after:.1f}", f"{evals[0]['size']}", fmt(before), fmt(cold), fmt(after),
             f"[plot](learning/{size}.png)"]
-
-
-def option_value(options: list[str], flag: str) -> str | None:
-    """The last value given to `flag` in an option list (as argparse reads it), or None."""
-    values = [options[i + 1] for i, o in enumerate(options[:-1]) if o == flag]
-    return values[-1] if values else None
 
 
 def config_options(config: dict) -> list[str]:
@@ -197,11 +192,10 @@ def curve(run_dir: Path) -> list[tuple[float, float]]:
 
 
 def mean_se(xs: list[float]) -> str:
+    """Mean ± standard error of the mean (sample standard deviation / sqrt(n))."""
     if len(xs) < 2:
         return f"{xs[0]:.3f}" if xs else "-"
-    mean = sum(xs) / len(xs)
-    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return f"{mean:.3f} ± {se:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) / math.sqrt(len(xs)):.3f}"
 
 
 def control_table(size: str, pairs: list[tuple[int, Path, Path, float]]) -> str:
@@ -211,7 +205,8 @@ def control_table(size: str, pairs: list[tuple[int, Path, Path, float]]) -> str:
     rows, cols = [], {k: [] for k in ("before", "cold", "grpo", "sft", "diff", "gain")}
     for seed, grpo_run, sft_run, wall in pairs:
         before = first_model_accuracy(grpo_run)
-        cold, grpo, sft = curve(grpo_run)[0][1], curve(grpo_run)[-1][1], curve(sft_run)[-1][1]
+        grpo_curve = curve(grpo_run)
+        cold, grpo, sft = grpo_curve[0][1], grpo_curve[-1][1], curve(sft_run)[-1][1]
         g_steps, s_steps = read_jsonl(grpo_run / "metrics.jsonl"), read_jsonl(sft_run / "metrics.jsonl")
         vals = {"before": before, "cold": cold, "grpo": grpo, "sft": sft, "diff": grpo - sft, "gain": grpo - cold}
         for k, v in vals.items():
@@ -245,7 +240,7 @@ def control_plot(size: str, pairs: list[tuple[int, Path, Path, float]], path: Pa
             xs, ys = zip(*curve(run_dir))
             held.plot(xs, ys, style, color=color, label=f"{name}, {seed}")
         steps = read_jsonl(grpo_run / "metrics.jsonl")
-        minutes = [sum(m["step_time_s"] for m in steps[:k + 1]) / 60 for k in range(len(steps))]
+        minutes = [s / 60 for s in itertools.accumulate(m["step_time_s"] for m in steps)]
         sampled.plot(minutes, [m["accuracy"] for m in steps], color=color, label=str(seed))
         entropy.plot(minutes, [m["entropy"] if m.get("entropy") is not None else float("nan") for m in steps],
                      color=color, label=str(seed))

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import rlvr_fast
-from rlvr_fast.train import main
+from rlvr_fast.train import main, parse_config
 from tests.test_cold_start import DemoTask, records  # noqa: F401  (registers demo-test)
-from tests.test_train import args
+from tests.test_train import args, assert_resume_equals_straight_run
 from tests.tiny import make_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -71,15 +71,8 @@ def test_an_sft_step_is_the_nll_setting_of_the_fused_loss(tiny, tmp_path, monkey
 
 
 def test_resumed_sft_run_equals_a_straight_one(tiny, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
     common = ("--task", "demo-test", "--method", "sft", "--lr", "3e-3")
-    assert main(args(tiny, straight, *common, "--steps", "3")) == 0
-    assert main(args(tiny, split, *common, "--steps", "1")) == 0
-    assert main(["--resume", str(split), "--steps", "3"]) == 0
-    a, _ = rlvr_fast.load_pretrained(straight / "checkpoint-3")
-    b, _ = rlvr_fast.load_pretrained(split / "checkpoint-3")
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(pa, pb), name
+    straight, split = assert_resume_equals_straight_run(tiny, tmp_path, common, steps=3, split_at=1)
     nll = lambda run: [m["nll"] for m in records(run / "metrics.jsonl")]  # noqa: E731
     assert nll(straight) == nll(split)
 
@@ -153,14 +146,12 @@ def test_control_options_match_the_grpo_time_from_the_runs_files(tmp_path, own_c
         grpo = write_run(tmp_path / "grpo", [(0, 0, 0.25, False), (4, 80, 0.5, False)], grpo_steps, **common,
                          model=str(model))
         assert bench_learning.parent_run(grpo) == source
-    opts = bench_learning.control_options(grpo)
-    value = lambda flag: bench_learning.option_value(opts, flag)  # noqa: E731 (the last one given wins)
-    assert value("--method") == "sft" and value("--lr") == "0.00015" and value("--cold-start-steps") == "0"
-    assert value("--cold-start-batch") == "8" and "--no-curriculum" in opts
-    assert value("--model") == str(model) and value("--seed") == "1" and value("--digits") == "4"
-    assert float(value("--max-train-minutes")) == pytest.approx(80 / 60, abs=1e-4)
+    cfg = parse_config(bench_learning.control_options(grpo))  # as the trainer reads them: the last one given wins
+    assert cfg.method == "sft" and cfg.lr == 1.5e-4 and cfg.cold_start_steps == 0 and cfg.cold_start_batch == 8
+    assert cfg.model == str(model) and cfg.seed == 1 and cfg.digits == (4, 2) and not cfg.curriculum
+    assert cfg.max_train_minutes == pytest.approx(80 / 60, abs=1e-4)
     # GRPO evaluated every 2 steps of 20 s = every 40 s; sft steps took 5 s (the cold start's): every 8 steps
-    assert value("--eval-every") == "8"
+    assert cfg.eval_every == 8
 
 
 def test_the_control_of_a_run_from_a_supervised_runs_checkpoint_continues_those_steps(tmp_path):
@@ -175,10 +166,9 @@ def test_the_control_of_a_run_from_a_supervised_runs_checkpoint_continues_those_
     grpo = write_run(tmp_path / "grpo", [(0, 0, 0.375, False), (2, 40, 0.5, False)],
                      [{"step": s, "step_time_s": 20.0, "accuracy": 0.4, "entropy": 0.1} for s in (1, 2)],
                      model=str(sft / "checkpoint-4"), eval_every=1)
-    opts = bench_learning.control_options(grpo)
-    value = lambda flag: bench_learning.option_value(opts, flag)  # noqa: E731
-    assert value("--lr") == "0.0002" and value("--cold-start-batch") == "6" and value("--eval-every") == "2"
-    assert value("--model") == str(sft / "checkpoint-4")
+    cfg = parse_config(bench_learning.control_options(grpo))
+    assert cfg.lr == 2e-4 and cfg.cold_start_batch == 6 and cfg.eval_every == 2
+    assert cfg.model == str(sft / "checkpoint-4")
     assert bench_learning.first_model_accuracy(grpo) == 0.0
     with pytest.raises(SystemExit, match="no GRPO step"):
         bench_learning.control_options(sft)

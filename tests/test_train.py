@@ -79,17 +79,24 @@ def test_two_steps_write_metrics_and_a_loadable_checkpoint(tiny, tmp_path):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_equals_straight_run(tiny, tmp_path, dtype):
+def assert_resume_equals_straight_run(model, tmp_path, options, steps: int, split_at: int):
+    """A run of `steps` steps, and one stopped after `split_at` and resumed to `steps`, end with equal weights.
+    Returns both run directories (straight, split) for further checks."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ("--task", "digits-test", "--beta", "0.05", "--num-iterations", "2", "--dtype", dtype)
-    assert main(args(tiny, straight, *common, "--steps", "4")) == 0
-    assert main(args(tiny, split, *common, "--steps", "2")) == 0
-    assert main(["--resume", str(split), "--steps", "4"]) == 0
-    a, _ = rlvr_fast.load_pretrained(straight / "checkpoint-4")
-    b, _ = rlvr_fast.load_pretrained(split / "checkpoint-4")
+    assert main(args(model, straight, *options, "--steps", str(steps))) == 0
+    assert main(args(model, split, *options, "--steps", str(split_at))) == 0
+    assert main(["--resume", str(split), "--steps", str(steps)]) == 0
+    a, _ = rlvr_fast.load_pretrained(straight / f"checkpoint-{steps}")
+    b, _ = rlvr_fast.load_pretrained(split / f"checkpoint-{steps}")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
+    return straight, split
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_equals_straight_run(tiny, tmp_path, dtype):
+    common = ("--task", "digits-test", "--beta", "0.05", "--num-iterations", "2", "--dtype", dtype)
+    straight, split = assert_resume_equals_straight_run(tiny, tmp_path, common, steps=4, split_at=2)
     drop = ("time", "tokens_per_s", "peak_memory", "step_time")
     clean = lambda path: [{k: v for k, v in json.loads(line).items() if not any(d in k for d in drop)}
                           for line in (path / "metrics.jsonl").read_text().splitlines()]

@@ -647,7 +647,7 @@ class GRPOTrainer:
                 last = self.step >= cfg.steps or self.out_of_time()  # the final evaluation follows the loop
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     self.run_evals()
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if cfg.save_every and self.step % cfg.save_every == 0 and not last:  # the final save follows too
                     self.save()
         except KeyboardInterrupt:
             print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
