@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1  # another rank failed first; rank 0 printed which and why
         raise
     finally:
-        # Only a run that finished (exit 0) waits for its peers: after Ctrl-C (130) one may be gone.
-        distributed.close(dist, finished=code == 0)
+        # Only a run that finished (exit 0, or 3: stopped by --stop-on) waits for its peers: after Ctrl-C (130)
+        # one may be gone.
+        from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE
+        distributed.close(dist, finished=code in (0, STOPPED_EXIT_CODE))
 
 
 def _run_dir(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path | None]:
@@ -240,6 +242,9 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
             print(f"error: {exc}", file=sys.stderr)
         dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)
         return 1
+    if trainer.stop_reason:
+        from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE
+        return STOPPED_EXIT_CODE  # ended by --stop-on: finished cleanly, but not as asked
     return 0
 
 

@@ -24,9 +24,12 @@ CASES = [
     ("", 0.0, 0.0),
     # The blog's regex has unescaped dots: any character matches there, and we keep it verbatim.
     ("Final Answer: the final answer is 94311! I hope it is correct!", 1.0, 1.0),
-    # First match counts (re.search), as in the blog.
+    # First match counts (re.search), as in the blog; an answer line stated twice gets no format credit.
     ("Final Answer: the final answer is 1. I hope it is correct.\n"
-     "Final Answer: the final answer is 94311. I hope it is correct.", 0.0, 1.0),
+     "Final Answer: the final answer is 94311. I hope it is correct.", 0.0, 0.0),
+    ("Final Answer: the final answer is 94311. I hope it is correct.\n"
+     "Final Answer: the final answer is 94311. I hope it is correct.", 1.0, 0.0),
+    ("Final Answer: the final answer is X. I hope it is correct.", 0.0, 0.0),  # the prompt's placeholder
 ]
 
 

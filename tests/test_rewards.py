@@ -6,7 +6,8 @@ import pytest
 
 from rlvr_fast.tasks import Problem
 from rlvr_fast.tasks.pool import RewardPool
-from rlvr_fast.tasks.rewards import RewardSet, RewardSpec, exact, format, normalize, number, parse_reward_spec
+from rlvr_fast.tasks.rewards import (RewardSet, RewardSpec, answer_statements, exact, format, normalize, number,
+                                     parse_reward_spec)
 
 EXACT = [
     # (completion, answer, reward)
@@ -57,6 +58,58 @@ def test_number_table(completion, answer, expected):
 @pytest.mark.parametrize("completion,expected", FORMAT)
 def test_format_table(completion, expected):
     assert format("q", completion, "x") == expected
+
+
+INSTRUCTION = "Reply with your working, then end with 'The answer is N.' A train goes 3 km a minute; how far in 4?"
+# What a collapsing run wrote to win format credit without an answer (issue: a user's own task).
+ADVERSARIAL = [
+    "The answer is N.",                                    # the instruction's placeholder, copied
+    "So, the answer is N.",
+    "The answer is X.", "The answer is <answer>.", "The answer is [number].", "The answer is ...", "\\boxed{}",
+    "The answer is.", "The answer is:", "####",            # an answer sentence with no value
+    "The answer is 12.\nThe answer is 12.",               # the answer line repeated
+    "The answer is 12. The answer is 12. The answer is",
+    "The answer is The Answer is The answer is",           # the collapsed run's repetition
+    "The answer is 12.\nThe answer is 7.",                 # repeated with different values
+    "\\boxed{12} and \\boxed{7}",
+    "#### 12\nThe answer is 7.",
+]
+
+
+@pytest.mark.parametrize("completion", ADVERSARIAL)
+@pytest.mark.parametrize("answer,rewards", [("12", ["number", "format"]), ("12", ["exact", "format"]),
+                                            ("twelve km", ["exact", "format"])])
+def test_format_credit_needs_one_real_answer(completion, answer, rewards):
+    scored = RewardSet(rewards)(problem(INSTRUCTION, answer), completion)
+    assert scored["format"] == 0.0 and format(INSTRUCTION, completion, answer) == 0.0
+
+
+@pytest.mark.parametrize("completion,answer", [
+    ("3 * 4 = 12. The answer is 12.", "12"), ("The answer is \\boxed{12}.", "12"), ("work\n#### 12", "12"),
+    ("The answer is 7.", "12"),                            # wrong, but a real answer: format credit, no correctness
+    ("The answer is twelve km.", "twelve km"), ("The answer is Paris.", "twelve km"),
+    ("The answer is N.", "N"),                             # the label itself is never a placeholder
+])
+def test_format_credit_for_one_real_answer(completion, answer):
+    assert format(INSTRUCTION, completion, answer) == 1.0
+
+
+def test_format_credit_for_a_copy_of_the_prompts_own_template_value():
+    prompt = 'Name the capital. Finish with "The answer is your_city."'
+    assert format(prompt, "The answer is your_city.", "Paris") == 0.0
+    assert format(prompt, "The answer is Paris.", "Paris") == 1.0 and format(prompt, "The answer is Rome.", "Paris") == 1.0
+
+
+def test_format_beside_number_needs_a_number_even_for_a_text_label():
+    # The number reward reads the first number of a label like "12 km": the stated answer must hold one too.
+    scored = RewardSet(["number", "format"])(problem(INSTRUCTION, "12 km"), "The answer is twelve.")
+    assert scored["format"] == 0.0 and format(INSTRUCTION, "The answer is twelve.", "12 km") == 1.0
+    assert RewardSet(["number", "format"])(problem(INSTRUCTION, "12 km"), "The answer is 12 km.")["format"] == 1.0
+
+
+def test_answer_statements_count_a_boxed_answer_inside_its_sentence_once():
+    assert answer_statements("The answer is \\boxed{7}.") == ["7"]
+    assert answer_statements("#### 5\nso the answer is 6.\n\\boxed{7}") == ["5", "6", "7"]
 
 
 def test_normalize():

@@ -49,7 +49,9 @@ CASES = [
     # The right choice, but not at the end: the blog's reward checks the end.
     ("<no_functioncall>\nLet me know if you need anything else.", NO_CALL, 0.0, 0.5, "no_call_right"),
     # The last choice counts.
-    ("<functioncall> get_stock_price ... no, wait.\n<no_functioncall>", NO_CALL, 1.0, 1.0, "no_call_right"),
+    # ... and two choices (a changed mind, or the same one twice) get no format credit.
+    ("<functioncall> get_stock_price ... no, wait.\n<no_functioncall>", NO_CALL, 1.0, 0.0, "no_call_right"),
+    ("<no_functioncall>\n<no_functioncall>", NO_CALL, 1.0, 0.0, "no_call_right"),
     ("**no_functioncall**", NO_CALL, 0.0, 0.25, "no_choice"),  # the word without its brackets: graded credit only
     ("The weather in Paris is sunny.", NO_CALL, 0.0, 0.0, "no_choice"),
     ("", "get_current_weather", 0.0, 0.0, "no_choice"),
@@ -61,6 +63,22 @@ def test_function_pick_reward_table(completion, answer, correct, fmt, cell):
     r = function_pick_reward(completion, answer)
     assert (r["correct"], r["format"]) == (correct, fmt)
     assert {name for name in CONFUSION if r[name] == 1.0} == {cell} and sum(r[name] for name in CONFUSION) == 1.0
+
+
+def test_format_credit_only_for_a_function_on_offer():
+    """The instruction's own "<functioncall> name_of_the_function", copied, wins no format credit; an offered
+    name, right or wrong, does (the task reads the names from the problem's system message)."""
+    task = FunctionPickTask(eval_size=4)
+    problem = next(p for p in task.eval_problems() if p.answer != NO_CALL)
+    other = next(name for name in problem.meta["functions"] if name != problem.answer) \
+        if len(problem.meta["functions"]) > 1 else None
+    assert "name_of_the_function" in INSTRUCTION
+    assert task.score(problem, "I will call it.\n<functioncall> name_of_the_function")["format"] == 0.0
+    assert task.score(problem, f"<functioncall> {problem.answer}") == {
+        **function_pick_reward(f"<functioncall> {problem.answer}", problem.answer), "format": 1.0, "correct": 1.0}
+    if other:
+        assert task.score(problem, f"<functioncall> {other}")["format"] == 1.0
+    assert task.score(problem, "<no_functioncall>")["format"] == 1.0
 
 
 def test_final_choice():

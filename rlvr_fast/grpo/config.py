@@ -235,11 +235,23 @@ class RunOptions:
                                       "one that verifies, saying what was skipped (--no-resume-fallback: stop instead)")
     strict_rewards: bool = opt(False, "stop when a reward function raises (default: score 0 and count it)")
     max_bad_steps: int = opt(3, "stop after this many consecutive steps with NaN/Inf loss or gradients")
+    keep_best: bool = opt(True, "keep the model of the best held-out accuracy in OUTPUT/best; OUTPUT/best.json says "
+                                "which step (or names the starting model when no step beat it)")
+    stop_on: tuple[str, ...] = opt((), "end the run (final evaluation and checkpoint, exit code 3) when this warning "
+                                       "is raised: collapse, hacking, repetition, no-signal, or any; repeat for several "
+                                       "(the warnings are printed either way: rlvr_fast/grpo/safeguards.py)", repeat=True)
+    no_signal_steps: int = opt(5, "the no-signal warning: this many steps in a row with no group whose rewards differ")
     report_to: tuple[str, ...] = opt((), "also log metrics to tensorboard (OUTPUT/tensorboard) or wandb; repeat for "
                                          "both (metrics.jsonl is always written)", repeat=True)
 
     def check(self) -> None:
-        _require(self, positive=("eval_size", "max_bad_steps"), non_negative=("eval_every", "save_every", "sample_every"))
+        _require(self, positive=("eval_size", "max_bad_steps", "no_signal_steps"),
+                 non_negative=("eval_every", "save_every", "sample_every"))
+        from rlvr_fast.grpo.safeguards import WARNINGS
+        self.stop_on = (self.stop_on,) if isinstance(self.stop_on, str) else tuple(self.stop_on or ())
+        unknown = [w for w in self.stop_on if w not in (*WARNINGS, "any")]
+        if unknown:
+            raise ValueError(f"--stop-on takes {', '.join(WARNINGS)} or any, got {', '.join(map(repr, unknown))}")
         self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to or ())
         unknown = [r for r in self.report_to if r not in REPORTERS]
         if unknown:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from rlvr_fast.checkpoint.adapters import load_adapters
+from rlvr_fast.checkpoint.durable import write_text_durably
 from rlvr_fast.grpo.advantages import group_advantages
 from rlvr_fast.grpo.batching import MicroBatch, Sample, make_micro_batch, split_by_tokens
 from rlvr_fast.grpo.checkpointing import load_state, python_rng_state, save_checkpoint, save_model
@@ -47,6 +49,7 @@ from rlvr_fast.grpo.fsdp import FSDP, full_tensor, full_weights
 from rlvr_fast.grpo.memory import estimate_memory, peak_memory_bytes, peak_memory_scope, reset_peak_memory
 from rlvr_fast.grpo.precision import MasterWeights
 from rlvr_fast.grpo.report import JsonlWriter, Reporters, format_duration, progress_line, write_plot
+from rlvr_fast.grpo.safeguards import BEST_DIR, BEST_JSON, Safeguards, is_repetitive, read_best
 from rlvr_fast.kernels import fused_linear_grpo_loss, linear_token_logprobs
 from rlvr_fast.kernels.loss_options import ALL_STAT_NAMES, ENTROPY_STAT, TIS_STAT_NAMES, LossConfig
 from rlvr_fast.model.lora import apply_lora, has_lora, lora_disabled
@@ -108,6 +111,8 @@ def rollout_metrics(ro: Rollout, keep: list[int], zero_std: torch.Tensor) -> dic
         "signal_frac": 1 - len(skipped) / len(zero_std),
         "completion_len_mean": sum(lengths) / len(lengths), "completion_len_max": max(lengths),
         "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(lengths),
+        "repetitive_truncated_frac": sum(c.finish_reason == "length" and is_repetitive(c.token_ids)
+                                         for c in completions) / len(lengths),
         "entropy_sampled": -sum(sampled_lp) / max(1, len(sampled_lp)),  # estimate over all drawn: mean -log p
         "rollout_tokens_per_s": sum(lengths) / max(ro.seconds, 1e-9), "time_rollout_s": ro.seconds,
     }
@@ -180,8 +185,15 @@ class GRPOTrainer:
         check_cold_start(cfg, task, tokenizer)
         self.bad_steps = 0
         self.scorer = Scorer(task, cfg.reward_workers, cfg.reward_timeout, strict=cfg.strict_rewards)
-        self.metrics, self.samples, self.evals, self.cold_start_log = (  # rank 0 writes, the others do not
-            JsonlWriter(output / f"{name}.jsonl", self.dist.is_main) for name in ("metrics", "samples", "eval", "cold_start"))
+        self.metrics, self.samples, self.evals, self.cold_start_log, self.warnings = (  # rank 0 writes, the others not
+            JsonlWriter(output / f"{name}.jsonl", self.dist.is_main)
+            for name in ("metrics", "samples", "eval", "cold_start", "warnings"))
+        weights = dict(getattr(task, "reward_weights", {}))
+        self.safeguards = Safeguards(cfg.no_signal_steps, weights=weights,  # the first reward is the correctness
+                                     correct_names=(CORRECT, *list(weights)[:1]))
+        self.best: dict[str, Any] | None = None  # best.json: the best target evaluation and where its model is
+        self.stop_reason: str | None = None  # a warning named by --stop-on
+        self.latest_evals: list[dict[str, Any]] = []
         self.reporters = Reporters(cfg.report_to, output, cfg.to_dict()) if cfg.report_to and self.dist.is_main else None
 
     def _adamw(self, lr: float) -> torch.optim.AdamW:
@@ -444,6 +456,7 @@ class GRPOTrainer:
         if note:
             print(note)
         self.check_bad_steps()
+        self.warn(self.safeguards.after_step(m))
         if cfg.sample_every and self.step % cfg.sample_every == 0:
             for problem, group, comps, rewards in list(zip(ro.problems, ro.completions, ro.components, ro.rewards))[:2]:
                 for c, comp, reward in list(zip(group, comps, rewards.tolist()))[:2]:
@@ -559,6 +572,7 @@ class GRPOTrainer:
     def run_evals(self) -> list[dict[str, Any]]:
         sets = self.task.eval_sets() if hasattr(self.task, "eval_sets") else [("target", self.task.eval_problems())]
         results = [self.evaluate(problems, label) for label, problems in sets]
+        self.latest_evals = results
         for r in results:
             where = "the cold start" if r.get("after_cold_start") else f"step {r['step']}"
             print(f"eval @ {where} [{r['set']}, {r['size']} problems]: accuracy {r['accuracy']:.3f}, "
@@ -572,7 +586,31 @@ class GRPOTrainer:
         if self.dist.is_main:
             write_plot(self.output / "plot.png", self.metrics.read(), [e for e in self.evals.read() if e["set"] == "target"],
                        title=self.plot_title())
+        target = next((r for r in results if r["set"] == "target"), results[0])
+        self.keep_best(target)
+        self.warn(self.safeguards.after_eval(target))
         return results
+
+    def keep_best(self, result: dict[str, Any]) -> None:
+        """OUTPUT/best and best.json when this target evaluation beats every earlier one (safeguards.py)."""
+        if not self.cfg.keep_best or (self.best is not None and result["accuracy"] <= self.best["accuracy"]):
+            return
+        if result["step"] == 0:  # the starting model: named, not copied
+            model = str(self.output / COLD_START_DIR) if self.cold_start_done else self.base_model_path()
+        else:
+            model = str(save_model(self.model, self.tokenizer, self.output / BEST_DIR, self.dist))
+        self.best = {"step": result["step"], "accuracy": result["accuracy"], "size": result["size"],
+                     "train_seconds": result["train_seconds"], "model": model}
+        if self.dist.is_main:
+            write_text_durably(self.output / BEST_JSON, json.dumps(self.best, indent=2) + "\n")
+
+    def warn(self, found: list[tuple[str, str]]) -> None:
+        """Print each new warning once, record it, and end the run after this step if --stop-on names it."""
+        for name, message in found:
+            print(f"WARNING ({name}): {message}", flush=True)
+            self.warnings.write({"step": self.step, "warning": name, "message": message})
+            if name in self.cfg.stop_on or "any" in self.cfg.stop_on:
+                self.stop_reason = self.stop_reason or name
 
     def plot_title(self) -> str:
         cfg = self.cfg
@@ -591,7 +629,7 @@ class GRPOTrainer:
                 "data_rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
                 "task": self.task.state_dict() if hasattr(self.task, "state_dict") else None,
                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps, "cold_start_done": self.cold_start_done,
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, "safeguards": self.safeguards.state_dict()}
 
     def save(self) -> Path:
         path = save_checkpoint(self.output, self.step, self.model, self.tokenizer, self.state_dict(), dist=self.dist)
@@ -618,9 +656,11 @@ class GRPOTrainer:
         self.bad_steps = state["bad_steps"]
         self.cold_start_done = state.get("cold_start_done", 0)
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.safeguards.load_state_dict(state.get("safeguards"))
+        self.best = read_best(self.output)
         if state["task"] is not None:
             self.task.load_state_dict(state["task"])
-        for writer in (self.metrics, self.samples, self.evals):
+        for writer in (self.metrics, self.samples, self.evals, self.warnings):
             writer.truncate_after(self.step)
 
     # ---- the run -------------------------------------------------------------------------
@@ -637,23 +677,29 @@ class GRPOTrainer:
             cold = self.run_evals()
         grpo_start = time.perf_counter()  # the ETA is that of the GRPO steps, the cold start excluded
         try:
-            while self.step < cfg.steps and not self.out_of_time():
+            while self.step < cfg.steps and not self.out_of_time() and not self.stop_reason:
                 m = self.train_step()
                 done = self.step - first_step
                 eta = (time.perf_counter() - grpo_start) / done * (cfg.steps - self.step)
                 if cfg.max_train_minutes:
                     eta = min(eta, max(0.0, 60 * cfg.max_train_minutes - self.train_seconds))
                 print(progress_line(m, cfg.steps, eta))
-                last = self.step >= cfg.steps or self.out_of_time()  # the final evaluation follows the loop
+                last = self.step >= cfg.steps or self.out_of_time() or self.stop_reason  # the final evaluation follows
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
-                    self.run_evals()
+                    self.run_evals()  # may raise a warning that --stop-on names
+                if self.stop_reason:
+                    break  # the final evaluation (or this one) and the final save follow the loop
                 if cfg.save_every and self.step % cfg.save_every == 0 and not last:  # the final save follows too
                     self.save()
         except KeyboardInterrupt:
             print(f"\ninterrupted: saving a checkpoint at step {self.step} (continue with --resume {self.output})")
             self.save()
             raise
-        after = cold if cold and self.step == 0 else self.run_evals()  # --steps 0: the cold start's evaluations
+        if self.stop_reason:
+            print(f"stopping at step {self.step}: the {self.stop_reason} warning was raised (--stop-on)")
+        # The final evaluation, unless this step was just evaluated (--steps 0 after a cold start, a --stop-on stop).
+        latest = self.latest_evals
+        after = latest if latest and latest[0]["step"] == self.step else self.run_evals()
         self.scorer.close()
         if self.reporters is not None:
             self.reporters.close()
@@ -661,7 +707,8 @@ class GRPOTrainer:
         if cfg.merge:
             merged = save_model(self.model, self.tokenizer, self.output / "merged", self.dist)
             print(f"merged model (base + adapters, HF layout) written to {merged}")
-        summary = {"before": before, "cold_start": cold, "after": after, "seconds": time.perf_counter() - start}
+        summary = {"before": before, "cold_start": cold, "after": after, "seconds": time.perf_counter() - start,
+                   "best": self.best, "warnings": list(self.safeguards.raised), "stopped_by": self.stop_reason}
         print_summary(summary)
         return summary
 
@@ -675,4 +722,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         for stage, e_then in [(stage, evals[e["set"]]) for stage, evals in earlier if e["set"] in evals] + [("after", e)]:
             print(f"{e['set']:<10} {stage:<8} {e_then['accuracy']:>9.3f} {e_then['format_rate']:>7.3f} "
                   f"{e_then['reward_mean']:>7.3f}")
+    best = summary.get("best")
+    if best:
+        print(f"best held-out accuracy {best['accuracy']:.3f} at step {best['step']}: {best['model']}")
+    if summary.get("warnings"):
+        print(f"warnings raised: {', '.join(summary['warnings'])} (OUTPUT/warnings.jsonl)")
 

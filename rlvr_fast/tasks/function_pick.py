@@ -54,22 +54,30 @@ def final_choice(completion: str) -> tuple[str | None, bool]:
 
 
 # Graded format credit (a 135M model almost never writes a marker at first, so the exact reward alone
-# gives no signal): checked in order, the first that holds sets the format score.
+# gives no signal). It pays only for one real choice: a completion that chooses twice (the same or a changed
+# choice) or names a function that is not on offer (the instruction's own "name_of_the_function") gets none,
+# so the credit cannot be won without making a choice the check can score.
 MARKER_WORD_RE = re.compile(r"functioncall", re.I)
 
 
-def format_score(completion: str) -> float:
-    choice, at_end = final_choice(completion)
-    if at_end:
-        return 1.0  # a choice marker ends the completion
-    if choice is not None:
-        return 0.5  # a marker, with text after it
-    return 0.25 if MARKER_WORD_RE.search(completion) else 0.0  # e.g. "**no_functioncall**"
+def format_score(completion: str, offered: set[str] | None = None) -> float:
+    """1: one choice marker, of an offered function (or none), ending the completion; 0.5: the same with text
+    after it; 0.25: the marker's word without its form (e.g. "**no_functioncall**"); else 0."""
+    markers = list(MARKER_RE.finditer(completion))
+    if len(markers) > 1:
+        return 0.0
+    if not markers:
+        return 0.25 if MARKER_WORD_RE.search(completion) else 0.0
+    choice = markers[0].group(1) or NO_CALL
+    if offered is not None and choice != NO_CALL and choice not in offered:
+        return 0.0
+    return 1.0 if TRAILER_RE.fullmatch(completion, markers[0].end()) else 0.5
 
 
-def function_pick_reward(completion: str, answer: str) -> dict[str, float]:
-    """correct: the completion ends with the right choice (the blog's reward); format: graded credit
-    for the choice markers (format_score); plus the confusion cell of its last choice (CONFUSION)."""
+def function_pick_reward(completion: str, answer: str, offered: set[str] | None = None) -> dict[str, float]:
+    """correct: the completion ends with the right choice (the blog's reward: its last marker counts);
+    format: graded credit for one real choice marker (format_score; `offered`: the function names on show);
+    plus the confusion cell of its last choice (CONFUSION)."""
     choice, at_end = final_choice(completion)
     if choice is None:
         cell = "no_choice"
@@ -77,7 +85,7 @@ def function_pick_reward(completion: str, answer: str) -> dict[str, float]:
         cell = "no_call_right" if choice == NO_CALL else "called_unneeded"
     else:
         cell = "missed_call" if choice == NO_CALL else ("called_right" if choice == answer else "called_wrong")
-    return {"correct": float(at_end and choice == answer), "format": format_score(completion),
+    return {"correct": float(at_end and choice == answer), "format": format_score(completion, offered),
             **{name: float(name == cell) for name in CONFUSION}}
 
 
@@ -218,4 +226,6 @@ class FunctionPickTask:
         return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        return function_pick_reward(completion, problem.answer)
+        from rlvr_fast.tasks.glaive import function_definitions
+        offered = {f["name"] for f in function_definitions(problem.messages[0]["content"])}
+        return function_pick_reward(completion, problem.answer, offered)

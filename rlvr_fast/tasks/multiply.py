@@ -42,7 +42,14 @@ FORMAT_LEVELS = (
 )
 
 
+ANSWER_LINES_RE = re.compile(r"the final answer is \d+", re.I)
+
+
 def format_score(completion: str) -> float:
+    """The first level that matches; 0 for a completion that states its answer line more than once (the same
+    number or another): format credit pays for one stated answer, never for repeating it."""
+    if len(ANSWER_LINES_RE.findall(completion)) > 1:
+        return 0.0
     return next((score for pattern, score in FORMAT_LEVELS if pattern.search(completion)), 0.0)
 
 

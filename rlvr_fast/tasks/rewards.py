@@ -5,7 +5,11 @@ Every reward has the signature `reward(prompt: str, completion: str, answer: str
 
 - `exact`: the extracted final answer equals `answer` after normalisation;
 - `number`: the final number equals `answer` numerically;
-- `format`: the completion states a final answer explicitly.
+- `format`: the completion states its final answer once, and that answer is a real one: a number when
+  the answer is a number (or the run's correctness reward is `number`), otherwise non-empty and not a
+  placeholder (`N`, `X`, `<answer>`, `...`, or the value the prompt's own instruction shows). A reply
+  that states no answer, two answers (the same or different) or an empty one gets 0: format credit
+  alone must never pay for "The answer is N." copied from the instruction, or for a repeated line.
 
 Extraction of the final answer, first that applies: the last `\\boxed{...}` (nested braces
 allowed), the last `#### X` line, the last "answer is X" / "answer: X", else the last non-empty
@@ -35,21 +39,29 @@ RewardFn = Callable[[str, str, str], Any]
 HASH_RE = re.compile(r"####\s*([^\n]*)")
 # "answer is X" / "answer: X", X up to the end of its sentence (a dot then a space or the end) or line.
 ANSWER_IS_RE = re.compile(r"answer(?:\s+is|\s*:)\s*:?\s*([^\n]+?)(?=\.\s|\.?$|\n)", re.I | re.M)
+ANSWER_KEY_RE = re.compile(r"answer(?:\s+is|\s*:)", re.I)
 NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 TRAILING_PUNCT = ".,;:!?"
 
 
+def boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every closed \\boxed{...} in the text, braces balanced."""
+    spans, start = [], text.find("\\boxed{")
+    while start != -1:
+        depth, i = 0, start + len("\\boxed")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                spans.append((start, j + 1, text[i + 1:j]))
+                break
+        start = text.find("\\boxed{", start + 1)
+    return spans
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, braces balanced; None if there is none (or it is unclosed)."""
-    start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
-    depth, i = 0, start + len("\\boxed")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None
+    spans = boxed_spans(text)
+    return spans[-1][2] if spans else None
 
 
 def explicit_answer(completion: str) -> str | None:
@@ -97,8 +109,69 @@ def number(prompt: str, completion: str, answer: str) -> float:
     return float(got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9))
 
 
+def answer_statements(text: str) -> list[str]:
+    """Every explicit answer the text states (boxed, ####, "answer is"), in order. Statements whose spans
+    overlap count once, with the innermost value ("The answer is \\boxed{7}." is one statement, 7)."""
+    # Each "answer is" / "answer:" states one answer, its value cut where the next one begins ("The answer is
+    # The answer is ..." states two, though ANSWER_IS_RE reads it as one answer whose value is the rest).
+    keys = [m.start() for m in ANSWER_KEY_RE.finditer(text)] + [len(text)]
+    said = [(k, min(m.end(), nxt), m.group(1)[:nxt - m.start(1)]) if (m := ANSWER_IS_RE.match(text, k)) else (k, nxt, "")
+            for k, nxt in zip(keys, keys[1:])]
+    spans = boxed_spans(text) + said + [(m.start(), m.end(), m.group(1)) for m in HASH_RE.finditer(text)]
+    statements: list[tuple[int, int, str]] = []
+    for begin, end, value in sorted(spans, key=lambda span: (span[0], -span[1])):
+        if statements and begin < statements[-1][1]:  # inside the previous statement: its value is the inner one
+            statements[-1] = (statements[-1][0], max(statements[-1][1], end), value)
+        else:
+            statements.append((begin, end, value))
+    return [value for _, _, value in statements]
+
+
+PLACEHOLDERS = {"n", "x", "y", "answer", "your answer", "the answer", "final answer", "number", "result", "value",
+                "...", "…", "?", "??", "???"}
+BRACKETED_RE = re.compile(r"[<\[{(][^<>\[\]{}()]*[>\]})]")
+
+
+def is_placeholder(value: str, prompt: str, answer: str) -> bool:
+    """A stated answer that is no answer: empty, a template word or bracketed slot, or a copy of the value the
+    prompt's own instruction states ("End with 'The answer is N.'") -- unless it is the label itself."""
+    v = _bare(value)
+    if v == _bare(answer):
+        return False
+    if not v or v in PLACEHOLDERS or BRACKETED_RE.fullmatch(v) or not any(ch.isalnum() for ch in v):
+        return True
+    return any(_bare(shown) == v for shown in answer_statements(prompt))
+
+
+def _bare(text: str) -> str:
+    """normalize, then without the quotes an instruction puts around its template ("... is N.'")."""
+    return normalize(normalize(text).strip("'\"`"))
+
+
+def is_number(text: str) -> bool:
+    return NUMBER_RE.fullmatch(normalize(text).replace(" ", "")) is not None
+
+
+def format_credit(prompt: str, completion: str, answer: str, kind: str = "auto") -> float:
+    """1 when the completion states exactly one final answer of the kind expected, else 0.
+    kind: "number" (the statement must hold a number), "text" (non-empty, not a placeholder) or "auto"
+    (number when the label is a number)."""
+    statements = answer_statements(completion)
+    if len(statements) != 1:
+        return 0.0  # none, or repeated (the same value or different ones)
+    value = statements[0]
+    if kind == "number" or (kind == "auto" and is_number(answer)):
+        return float(parse_number(value) is not None)
+    return float(not is_placeholder(value, prompt, answer))
+
+
 def format(prompt: str, completion: str, answer: str) -> float:  # noqa: A001 - the reward's public name
-    return float(explicit_answer(completion) is not None)
+    return format_credit(prompt, completion, answer)
+
+
+def number_format(prompt: str, completion: str, answer: str) -> float:
+    """`format` beside the `number` reward: the one stated answer must hold a number."""
+    return format_credit(prompt, completion, answer, kind="number")
 
 
 BUILTIN: dict[str, RewardFn] = {"exact": exact, "number": number, "format": format}
@@ -204,10 +277,19 @@ class RewardSet:
         """True when any reward is the user's (it may be slow or hang: run it in the worker pool)."""
         return any(not (isinstance(r, RewardSpec) and r.builtin) for _, r, _ in self.entries)
 
+    @property
+    def format_fn(self) -> RewardFn:
+        """The format check that fits the correctness reward (the first): a number beside `number`."""
+        first = self.entries[0][1]
+        return number_format if isinstance(first, RewardSpec) and first.target == "number" else format
+
     def prepare(self) -> None:
         """Import every reward now (the workers do this before their first call, off the clock)."""
         if self._fns is None:
             self._fns = {name: load_reward(r.target) if isinstance(r, RewardSpec) else r for name, r, _ in self.entries}
+            for name, r, _ in self.entries:
+                if isinstance(r, RewardSpec) and r.target == "format":
+                    self._fns[name] = self.format_fn
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fns": None}  # user functions loaded from files are re-imported in the worker
@@ -224,7 +306,7 @@ class RewardSet:
             else:
                 out[name] = _number(value, f"reward {name}")
         out["correct"] = out.get("correct", out[self.entries[0][0]])
-        out.setdefault("format", format(prompt, completion, problem.answer))
+        out.setdefault("format", self.format_fn(prompt, completion, problem.answer))
         return out
 
 
