@@ -100,6 +100,17 @@ def test_format_credit_for_a_copy_of_the_prompts_own_template_value():
     assert format(prompt, "The answer is Paris.", "Paris") == 1.0 and format(prompt, "The answer is Rome.", "Paris") == 1.0
 
 
+def test_format_for_a_list_answer_needs_a_list_of_its_shape():
+    """A sorting task's answer is a list: one number, or a list of another length, is not an answer of its kind
+    (a collapsing run won format credit with "The answer is 17." for "1, 4, 15, 17, 38")."""
+    prompt, label = "Sort 17, 4, 38, 1, 15. End with 'The answer is N.'", "1, 4, 15, 17, 38"
+    assert format(prompt, "The answer is 1, 4, 15, 17, 38.", label) == 1.0
+    assert format(prompt, "The answer is 38, 17, 15, 4, 1.", label) == 1.0  # wrong, but of the right kind
+    for wrong_kind in ("The answer is 17.", "The answer is 1, 4, 15.", "The answer is a, b, c, d, e."):
+        assert format(prompt, wrong_kind, label) == 0.0
+    assert format("q", "The answer is red, green.", "blue, red") == 1.0
+
+
 def test_format_beside_number_needs_a_number_even_for_a_text_label():
     # The number reward reads the first number of a label like "12 km": the stated answer must hold one too.
     scored = RewardSet(["number", "format"])(problem(INSTRUCTION, "12 km"), "The answer is twelve.")

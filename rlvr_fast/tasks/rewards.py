@@ -6,8 +6,8 @@ Every reward has the signature `reward(prompt: str, completion: str, answer: str
 - `exact`: the extracted final answer equals `answer` after normalisation;
 - `number`: the final number equals `answer` numerically;
 - `format`: the completion states its final answer once, and that answer is a real one: a number when
-  the answer is a number (or the run's correctness reward is `number`), otherwise non-empty and not a
-  placeholder (`N`, `X`, `<answer>`, `...`, or the value the prompt's own instruction shows). A reply
+  the answer is a number (or the run's correctness reward is `number`), a list of as many items when the
+  answer is a comma-separated list, otherwise non-empty and not a placeholder (`N`, `X`, `<answer>`, `...`, or the value the prompt's own instruction shows). A reply
   that states no answer, two answers (the same or different) or an empty one gets 0: format credit
   alone must never pay for "The answer is N." copied from the instruction, or for a repeated line.
 
@@ -152,16 +152,28 @@ def is_number(text: str) -> bool:
     return NUMBER_RE.fullmatch(normalize(text).replace(" ", "")) is not None
 
 
+def list_shape(text: str) -> tuple[bool, ...] | None:
+    """A comma-separated list's shape (for each item: is it a number), or None for a single value."""
+    items = [item.strip() for item in normalize(text).split(",")]
+    if len(items) < 2 or not all(items):
+        return None
+    return tuple(is_number(item) for item in items)
+
+
 def format_credit(prompt: str, completion: str, answer: str, kind: str = "auto") -> float:
     """1 when the completion states exactly one final answer of the kind expected, else 0.
-    kind: "number" (the statement must hold a number), "text" (non-empty, not a placeholder) or "auto"
-    (number when the label is a number)."""
+    kind: "number" (the statement must hold a number), "text" (non-empty, not a placeholder) or "auto":
+    number when the label is a number; when it is a list ("3, 7, 9"), a list of as many items, numbers where
+    its items are numbers; else text."""
     statements = answer_statements(completion)
     if len(statements) != 1:
         return 0.0  # none, or repeated (the same value or different ones)
     value = statements[0]
     if kind == "number" or (kind == "auto" and is_number(answer)):
         return float(parse_number(value) is not None)
+    shape = list_shape(answer) if kind == "auto" else None
+    if shape is not None and list_shape(value) != shape:
+        return 0.0  # one number where a sorted list of five is asked for is not an answer of that kind
     return float(not is_placeholder(value, prompt, answer))
 
 
