@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import markdown_table, publish, timed  # noqa: E402
+from benchlib import markdown_table, publish, read_jsonl, timed  # noqa: E402
 
 PLOTS = Path(__file__).resolve().parent / "learning"
 
@@ -80,10 +80,6 @@ def train(options: list[str], out: Path) -> tuple[float, float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"the run failed (exit {proc.returncode}); its output is in {out}")
     return seconds[0], load_before, os.getloadavg()[0]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def run(size: str, extra: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import markdown_table, publish, timed  # noqa: E402
+from benchlib import markdown_table, publish, read_jsonl, timed  # noqa: E402
 
 INSTRUCTION = "Think briefly, then end with 'The answer is N.'"
 LINES = 300
@@ -134,10 +134,6 @@ def write_task(name: str, directory: Path, lines: int = LINES, seed: int = 0) ->
     path = directory / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def run_task(name: str, config: str, data: Path, out: Path, minutes: float, extra: list[str]) -> list[str]:

@@ -398,6 +398,11 @@ def publish(title: str, body: str, device: str, write: bool = True, **kw) -> Non
     print(append_results(title, body, device, **kw) if write else body, flush=True)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a run's JSONL file (metrics, eval, warnings ...); [] if it does not exist."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 # ----------------------------------------------------------------------------- RESULTS.md: latest per machine kind
 
 

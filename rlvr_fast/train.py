@@ -23,6 +23,7 @@ import torch
 from rlvr_fast.grpo import distributed
 from rlvr_fast.grpo.config import GROUPS, TrainConfig
 from rlvr_fast.grpo.precision import pick_dtype
+from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE
 
 log = logging.getLogger("rlvr_fast")
 
@@ -133,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Only a run that finished (exit 0, or 3: stopped by --stop-on) waits for its peers: after Ctrl-C (130)
         # one may be gone.
-        from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE
         distributed.close(dist, finished=code in (0, STOPPED_EXIT_CODE))
 
 
@@ -243,7 +243,6 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)
         return 1
     if trainer.stop_reason:
-        from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE
         return STOPPED_EXIT_CODE  # ended by --stop-on: finished cleanly, but not as asked
     return 0
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from rlvr_fast.tasks import Problem
 from rlvr_fast.tasks.jsonl import load_jsonl
 from rlvr_fast.tasks.rewards import RewardSet
 from tests.test_train import tiny  # noqa: F401 - the tiny checkpoint fixture

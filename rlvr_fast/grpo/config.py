@@ -248,16 +248,20 @@ class RunOptions:
         _require(self, positive=("eval_size", "max_bad_steps", "no_signal_steps"),
                  non_negative=("eval_every", "save_every", "sample_every"))
         from rlvr_fast.grpo.safeguards import WARNINGS
-        self.stop_on = (self.stop_on,) if isinstance(self.stop_on, str) else tuple(self.stop_on or ())
+        self.stop_on, self.report_to = _as_tuple(self.stop_on), _as_tuple(self.report_to)
         unknown = [w for w in self.stop_on if w not in (*WARNINGS, "any")]
         if unknown:
             raise ValueError(f"--stop-on takes {', '.join(WARNINGS)} or any, got {', '.join(map(repr, unknown))}")
-        self.report_to = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to or ())
         unknown = [r for r in self.report_to if r not in REPORTERS]
         if unknown:
             raise ValueError(f"--report-to takes {' or '.join(REPORTERS)}, got {', '.join(map(repr, unknown))}")
         from rlvr_fast.grpo.report import check_reporters
         check_reporters(self.report_to)
+
+
+def _as_tuple(value: Any) -> tuple:
+    """A repeatable option's value: one string (from a config file) or a sequence, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 # In the order of --help. A dataclass lists inherited fields from the last base to the first, hence reversed below

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 WARNINGS = ("collapse", "hacking", "repetition", "no-signal")
 STOPPED_EXIT_CODE = 3
-BEST_DIR, BEST_JSON, WARNINGS_JSONL = "best", "best.json", "warnings.jsonl"
+BEST_DIR, BEST_JSON = "best", "best.json"
 REPEAT_NGRAM, REPEAT_DISTINCT, REPEAT_SHARE = 4, 0.5, 0.25
 
 
@@ -82,8 +82,7 @@ class Safeguards:
 
     def after_eval(self, result: dict[str, Any]) -> list[tuple[str, str]]:
         if self.start is None or result["step"] == 0:  # the starting model (after the cold start, if any)
-            self.start = {"accuracy": result["accuracy"], "components": dict(result["components"]),
-                          "step": result["step"]}
+            self.start = {"accuracy": result["accuracy"], "components": dict(result["components"])}
             return []
         n, p0, p = result["size"], self.start["accuracy"], result["accuracy"]
         found = []

@@ -684,7 +684,7 @@ class GRPOTrainer:
                 if cfg.max_train_minutes:
                     eta = min(eta, max(0.0, 60 * cfg.max_train_minutes - self.train_seconds))
                 print(progress_line(m, cfg.steps, eta))
-                last = self.step >= cfg.steps or self.out_of_time() or self.stop_reason  # the final evaluation follows
+                last = self.step >= cfg.steps or self.out_of_time()  # the final evaluation follows the loop
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     self.run_evals()  # may raise a warning that --stop-on names
                 if self.stop_reason:
@@ -708,7 +708,7 @@ class GRPOTrainer:
             merged = save_model(self.model, self.tokenizer, self.output / "merged", self.dist)
             print(f"merged model (base + adapters, HF layout) written to {merged}")
         summary = {"before": before, "cold_start": cold, "after": after, "seconds": time.perf_counter() - start,
-                   "best": self.best, "warnings": list(self.safeguards.raised), "stopped_by": self.stop_reason}
+                   "best": self.best, "warnings": list(self.safeguards.raised)}
         print_summary(summary)
         return summary
 

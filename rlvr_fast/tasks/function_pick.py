@@ -226,6 +226,4 @@ class FunctionPickTask:
         return out
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        from rlvr_fast.tasks.glaive import function_definitions
-        offered = {f["name"] for f in function_definitions(problem.messages[0]["content"])}
-        return function_pick_reward(completion, problem.answer, offered)
+        return function_pick_reward(completion, problem.answer, set(problem.meta["functions"]))

@@ -7,9 +7,10 @@ Every reward has the signature `reward(prompt: str, completion: str, answer: str
 - `number`: the final number equals `answer` numerically;
 - `format`: the completion states its final answer once, and that answer is a real one: a number when
   the answer is a number (or the run's correctness reward is `number`), a list of as many items when the
-  answer is a comma-separated list, otherwise non-empty and not a placeholder (`N`, `X`, `<answer>`, `...`, or the value the prompt's own instruction shows). A reply
-  that states no answer, two answers (the same or different) or an empty one gets 0: format credit
-  alone must never pay for "The answer is N." copied from the instruction, or for a repeated line.
+  answer is a comma-separated list, otherwise non-empty and not a placeholder (`N`, `X`, `<answer>`,
+  `...`, or the value the prompt's own instruction shows). A reply that states no answer, two answers
+  (the same or different) or an empty one gets 0: format credit alone must never pay for "The answer
+  is N." copied from the instruction, or for a repeated line.
 
 Extraction of the final answer, first that applies: the last `\\boxed{...}` (nested braces
 allowed), the last `#### X` line, the last "answer is X" / "answer: X", else the last non-empty
@@ -160,18 +161,17 @@ def list_shape(text: str) -> tuple[bool, ...] | None:
     return tuple(is_number(item) for item in items)
 
 
-def format_credit(prompt: str, completion: str, answer: str, kind: str = "auto") -> float:
-    """1 when the completion states exactly one final answer of the kind expected, else 0.
-    kind: "number" (the statement must hold a number), "text" (non-empty, not a placeholder) or "auto":
-    number when the label is a number; when it is a list ("3, 7, 9"), a list of as many items, numbers where
-    its items are numbers; else text."""
+def format_credit(prompt: str, completion: str, answer: str, expect_number: bool = False) -> float:
+    """1 when the completion states exactly one final answer of the kind expected, else 0. The kind: a number
+    when `expect_number` or the label is a number; when the label is a list ("3, 7, 9"), a list of as many
+    items, numbers where its items are numbers; else any text that is not a placeholder."""
     statements = answer_statements(completion)
     if len(statements) != 1:
         return 0.0  # none, or repeated (the same value or different ones)
     value = statements[0]
-    if kind == "number" or (kind == "auto" and is_number(answer)):
+    if expect_number or is_number(answer):
         return float(parse_number(value) is not None)
-    shape = list_shape(answer) if kind == "auto" else None
+    shape = list_shape(answer)
     if shape is not None and list_shape(value) != shape:
         return 0.0  # one number where a sorted list of five is asked for is not an answer of that kind
     return float(not is_placeholder(value, prompt, answer))
@@ -183,7 +183,7 @@ def format(prompt: str, completion: str, answer: str) -> float:  # noqa: A001 - 
 
 def number_format(prompt: str, completion: str, answer: str) -> float:
     """`format` beside the `number` reward: the one stated answer must hold a number."""
-    return format_credit(prompt, completion, answer, kind="number")
+    return format_credit(prompt, completion, answer, expect_number=True)
 
 
 BUILTIN: dict[str, RewardFn] = {"exact": exact, "number": number, "format": format}
