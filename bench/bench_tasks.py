@@ -10,14 +10,17 @@ other option at its default, for at most --minutes of steps (--max-train-minutes
 instruction a user would write ("End with 'The answer is N.'"), placeholder and all: format credit must not be
 won by copying it. Configurations:
 
-- defaults: ours, as `python -m rlvr_fast.train --help` lists them;
+- defaults: ours, as `python -m rlvr_fast.train --help` lists them (advantages not divided by the group's std,
+  Dr. GRPO's choice, since this suite showed what the std does to a 0.1 format credit: docs/user-task-defaults.md);
 - trl: TRL 1.16 GRPOConfig's defaults where they differ from ours in kind: learning rate 1e-6, no KL term
-  (beta 0), temperature 1.0.
+  (beta 0), temperature 1.0, advantages divided by the group's std, the DAPO token-level loss, and no dynamic
+  sampling (one round of prompts per step).
 
 The table (appended to bench/RESULTS.md) gives per task and configuration: held-out accuracy before, at the best
 evaluation (OUTPUT/best.json), and at the end (the last checkpoint, which is what the run leaves), the change,
 the warnings raised (rlvr_fast/grpo/safeguards.py: collapse, hacking, repetition, no-signal), and the wall time
-of the whole command.
+of the whole command. Each run's exit code and wall time are kept in OUT/NAME-CONFIG/bench.json: a suite that was
+stopped (or ran out of disk) goes on where it stopped when run again with the same --out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,7 +118,8 @@ TASKS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], str]] = {
 
 CONFIGS: dict[str, list[str]] = {
     "defaults": [],
-    "trl": ["--lr", "1e-6", "--beta", "0", "--temperature", "1.0"],
+    "trl": ["--lr", "1e-6", "--beta", "0", "--temperature", "1.0", "--scale-rewards", "group", "--loss-type", "dapo",
+            "--max-oversample", "1"],
 }
 
 
@@ -136,18 +141,32 @@ def write_task(name: str, directory: Path, lines: int = LINES, seed: int = 0) ->
     return path
 
 
-def run_task(name: str, config: str, data: Path, out: Path, minutes: float, extra: list[str]) -> list[str]:
+def run_task(name: str, config: str, data: Path, out: Path, minutes: float, extra: list[str]) -> None:
+    """One run, as a user would type it; its exit code and wall time go to OUT/bench.json (written last, so a run
+    that was killed has none and is run again by the next invocation)."""
     _, reward = TASKS[name]
     cmd = [sys.executable, "-m", "rlvr_fast.train", "--task", "jsonl", "--data", str(data), "--reward", reward,
            "--reward", "format:0.1", "--eval-size", str(EVAL_SIZE), "--max-train-minutes", str(minutes),
-           *CONFIGS[config], *extra, "--output", str(out)]
+           "--save-every", "0", *CONFIGS[config], *extra, "--output", str(out)]
     print("running:", " ".join(cmd), flush=True)
     seconds: list[float] = []
     with timed(seconds):
         code = subprocess.run(cmd).returncode
+    (out / "bench.json").write_text(json.dumps({"command": cmd, "exit": code, "seconds": seconds[0]}))
+
+
+def finished(out: Path) -> bool:
+    """A run this bench completed (a run with --stop-on ends with exit 3, which is a finished run too)."""
+    record = out / "bench.json"
+    return record.exists() and json.loads(record.read_text())["exit"] in (0, 3)
+
+
+def task_row(name: str, config: str, out: Path) -> list[str]:
+    record = json.loads((out / "bench.json").read_text())
+    code, minutes = record["exit"], record["seconds"] / 60
     evals = [e for e in read_jsonl(out / "eval.jsonl") if e["set"] == "target"]
     if code not in (0, 3) or not evals:
-        return [name, config, f"failed (exit {code})", "", "", "", "", f"{seconds[0] / 60:.1f} min"]
+        return [name, config, f"failed (exit {code})", "", "", "", "", f"{minutes:.1f} min"]
     before, after = evals[0], evals[-1]
     best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else None
     warnings = [w["warning"] for w in read_jsonl(out / "warnings.jsonl")]
@@ -155,14 +174,14 @@ def run_task(name: str, config: str, data: Path, out: Path, minutes: float, extr
     return [name, config, f"{before['accuracy']:.3f}",
             f"{best['accuracy']:.3f} (step {best['step']})" if best else "-",
             f"{after['accuracy']:.3f} (step {after['step']})", f"{after['accuracy'] - before['accuracy']:+.3f}",
-            ", ".join(warnings) or "none", f"{steps} steps, {seconds[0] / 60:.1f} min"]
+            ", ".join(warnings) or "none", f"{steps} steps, {minutes:.1f} min"]
 
 
 HEADER = ["task", "configuration", "before", "best (best.json)", "after (last checkpoint)", "change", "warnings",
           "steps, wall time"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
@@ -171,8 +190,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="where the data and runs go (default: a temporary directory)")
     p.add_argument("--write-data", type=Path, default=None, help="only write the tasks' JSONL files here")
     p.add_argument("--no-write", action="store_true", help="print the table, do not record it in RESULTS.md")
+    p.add_argument("--rerun", action="store_true", help="run again the runs that OUT already holds finished "
+                   "(by default they are read, so a suite that was stopped goes on where it stopped)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="options added to every run (last)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.write_data is not None:
         a.write_data.mkdir(parents=True, exist_ok=True)
         for name in a.tasks:
@@ -184,12 +205,18 @@ def main() -> None:
     for name in a.tasks:
         data = write_task(name, out)
         for config in a.configs:
-            rows.append(run_task(name, config, data, out / f"{name}-{config}", a.minutes, a.extra))
+            run = out / f"{name}-{config}"
+            if finished(run) and not a.rerun:
+                print(f"{run}: finished earlier, read as it is (--rerun runs it again)", flush=True)
+            else:
+                shutil.rmtree(run, ignore_errors=True)  # a killed or failed run starts over, it does not resume
+                run_task(name, config, data, run, a.minutes, a.extra)
+            rows.append(task_row(name, config, run))
             print(markdown_table(HEADER, rows), flush=True)
     extra = f" {' '.join(a.extra)}" if a.extra else ""
     method = (f"{LINES} problems per task, {EVAL_SIZE} held out (greedy); `--task jsonl --data FILE --reward R --reward "
-              f"format:0.1 --eval-size {EVAL_SIZE} --max-train-minutes {a.minutes:g}{extra}`, every other option at its "
-              "default; trl: " + " ".join(CONFIGS["trl"]) + f"; runs in {out}; {os.cpu_count()} cores")
+              f"format:0.1 --eval-size {EVAL_SIZE} --max-train-minutes {a.minutes:g} --save-every 0{extra}`, every other "
+              "option at its default (--save-every 0: one checkpoint, at the end); trl: " + " ".join(CONFIGS["trl"]) + f"; runs in {out}; {os.cpu_count()} cores")
     publish("A user's own task: the defaults on six small tasks (bench_tasks)", markdown_table(HEADER, rows), "cpu",
             write=not a.no_write, method=method)
 

@@ -57,15 +57,37 @@ def test_each_task_is_what_it_says(name, tmp_path):
     assert rewards(p, f"The answer is {p.answer}. The answer is {p.answer}.")["format"] == 0.0
 
 
+TINY_RUN = ["--steps", "2", "--max-new-tokens", "6", "--eval-size", "4", "--dtype", "float32",
+            "--prompts-per-step", "2", "--group-size", "2"]
+
+
 def test_a_run_gives_a_table_row(tiny, tmp_path):  # noqa: F811
     data = bench_tasks.write_task("sort", tmp_path)
-    row = bench_tasks.run_task("sort", "trl", data, tmp_path / "run", minutes=5,
-                               extra=["--model", str(tiny), "--steps", "2", "--max-new-tokens", "6",
-                                      "--eval-size", "4", "--dtype", "float32", "--prompts-per-step", "2",
-                                      "--group-size", "2"])
+    bench_tasks.run_task("sort", "trl", data, tmp_path / "run", minutes=5, extra=["--model", str(tiny), *TINY_RUN])
+    row = bench_tasks.task_row("sort", "trl", tmp_path / "run")
     assert len(row) == len(bench_tasks.HEADER) and row[:2] == ["sort", "trl"]
     assert re.fullmatch(r"\d\.\d{3}", row[2]) and re.match(r"\d\.\d{3} \(step \d\)", row[3])
     assert row[4].endswith("(step 2)") and row[7].startswith("2 steps")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["lr"], config["beta"], config["temperature"]) == (1e-6, 0.0, 1.0)  # TRL's defaults
+    assert (config["scale_rewards"], config["loss_type"], config["max_oversample"]) == ("group", "dapo", 1)
     assert config["reward"] == ["exact", "format:0.1"] and config["eval_size"] == 4  # --extra comes last
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*")] == ["checkpoint-2"]  # --save-every 0
+
+
+def test_a_stopped_suite_goes_on_where_it_stopped(tiny, tmp_path, capsys):  # noqa: F811
+    """Finished runs are read, not run again; a run without its bench.json (killed) starts over from nothing."""
+    argv = ["--tasks", "choice", "--configs", "defaults", "trl", "--out", str(tmp_path), "--no-write",
+            "--extra", "--model", str(tiny), *TINY_RUN]
+    bench_tasks.main(argv)
+    done, killed = tmp_path / "choice-defaults", tmp_path / "choice-trl"
+    first = (done / "bench.json").read_text()
+    (killed / "bench.json").unlink()
+    (killed / "leftover").write_text("from the killed run")
+    capsys.readouterr()
+    bench_tasks.main(argv)
+    log = capsys.readouterr().out
+    assert f"{done}: finished earlier" in log and f"{killed}: finished earlier" not in log
+    assert (done / "bench.json").read_text() == first  # not run again
+    assert (killed / "bench.json").exists() and not (killed / "leftover").exists()  # run again, from nothing
+    assert log.count("| choice | ") >= 2  # both rows in the table

@@ -110,6 +110,18 @@ def test_task_registered_from_user_code(tiny, tmp_path):
     assert {"reward_double_reward", "reward_double_reward.has_digit"} <= m.keys()
 
 
+def test_advantage_scaling_is_dr_grpo_for_a_users_task_and_each_recipe_keeps_its_own(tmp_path):
+    """The generic default was chosen on bench/bench_tasks.py's suite; multiply and function-pick keep the scaling
+    their recipes (and the README's figures) were measured with, unless the user types another."""
+    assert parse_config(["--task", "jsonl", "--data", "x.jsonl", "--reward", "number"]).scale_rewards == "none"
+    assert parse_config(["--task", "multiply"]).scale_rewards == "group"
+    assert parse_config(["--task", "function-pick"]).scale_rewards == "group"
+    assert parse_config(["--task", "multiply", "--scale-rewards", "none"]).scale_rewards == "none"
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('task = "multiply"\nscale_rewards = "batch"\n')
+    assert parse_config(["--config", str(cfg_file)]).scale_rewards == "batch"
+
+
 def test_reward_option_in_a_config_file_and_flags_replace_it(tmp_path):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('task = "jsonl"\nreward = ["number:1", "format:0.2"]\nmax_new_tokens = 99\n')

@@ -140,7 +140,10 @@ class UpdateOptions:
     warmup_steps: int = opt(2, "linear warm-up steps")
     schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
-    scale_rewards: str = opt("group", "advantage scaling: group std, batch std, or none (Dr. GRPO)", choices=SCALE_REWARDS)
+    scale_rewards: str = opt("none", "advantage scaling: group std, batch std, or none (Dr. GRPO). none by default: "
+                                     "dividing by a group's std turns a 0.1 format-credit difference into a full-size "
+                                     "advantage when correctness never varies (bench/bench_tasks.py); multiply and "
+                                     "function-pick keep their tuned group", choices=SCALE_REWARDS)
     num_iterations: int = opt(1, "policy updates per rollout batch (>1 uses old log-probs and the clip)")
     micro_batch_tokens: int = opt(2048, "token budget of one forward/backward micro-batch")
     share_prompts: bool = opt(True, "train each group's prompt once per micro-batch, its completions attending to "
