@@ -39,6 +39,10 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import markdown_table, publish, read_jsonl, timed  # noqa: E402
 
+from rlvr_fast.grpo.safeguards import STOPPED_EXIT_CODE  # noqa: E402
+
+FINISHED = (0, STOPPED_EXIT_CODE)  # exit codes of a run that finished (3: ended by --stop-on)
+
 INSTRUCTION = "Think briefly, then end with 'The answer is N.'"
 LINES = 300
 EVAL_SIZE = 64
@@ -156,16 +160,16 @@ def run_task(name: str, config: str, data: Path, out: Path, minutes: float, extr
 
 
 def finished(out: Path) -> bool:
-    """A run this bench completed (a run with --stop-on ends with exit 3, which is a finished run too)."""
+    """A run this bench completed."""
     record = out / "bench.json"
-    return record.exists() and json.loads(record.read_text())["exit"] in (0, 3)
+    return record.exists() and json.loads(record.read_text())["exit"] in FINISHED
 
 
 def task_row(name: str, config: str, out: Path) -> list[str]:
     record = json.loads((out / "bench.json").read_text())
     code, minutes = record["exit"], record["seconds"] / 60
     evals = [e for e in read_jsonl(out / "eval.jsonl") if e["set"] == "target"]
-    if code not in (0, 3) or not evals:
+    if code not in FINISHED or not evals:
         return [name, config, f"failed (exit {code})", "", "", "", "", f"{minutes:.1f} min"]
     before, after = evals[0], evals[-1]
     best = json.loads((out / "best.json").read_text()) if (out / "best.json").exists() else None
@@ -216,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     extra = f" {' '.join(a.extra)}" if a.extra else ""
     method = (f"{LINES} problems per task, {EVAL_SIZE} held out (greedy); `--task jsonl --data FILE --reward R --reward "
               f"format:0.1 --eval-size {EVAL_SIZE} --max-train-minutes {a.minutes:g} --save-every 0{extra}`, every other "
-              "option at its default (--save-every 0: one checkpoint, at the end); trl: " + " ".join(CONFIGS["trl"]) + f"; runs in {out}; {os.cpu_count()} cores")
+              "option at its default (--save-every 0: one checkpoint, at the end); trl: " + " ".join(CONFIGS["trl"])
+              + f"; runs in {out}; {os.cpu_count()} cores")
     publish("A user's own task: the defaults on six small tasks (bench_tasks)", markdown_table(HEADER, rows), "cpu",
             write=not a.no_write, method=method)
 
