@@ -41,6 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import markdown_table, publish, read_jsonl, timed  # noqa: E402
 
@@ -127,10 +129,10 @@ def parent_run(run: Path) -> Path | None:
     return parent if parent is not None and (parent / "config.json").exists() else None
 
 
-def supervised_source(run: Path) -> tuple[float, int, float]:
+def supervised_source(run: Path) -> tuple[float, int, float, str]:
     """The supervised steps the model of this run's GRPO steps came from, to continue as its control: (learning
-    rate, problems per step, mean seconds per step). Its own cold start; else the run that wrote its --model: a
-    cold start (OTHER/cold-start) or a --method sft run (OTHER/checkpoint-N)."""
+    rate, problems per step, mean seconds per step, lr schedule). Its own cold start; else the run that wrote its
+    --model: a cold start (OTHER/cold-start) or a --method sft run (OTHER/checkpoint-N)."""
     for source in (run, parent_run(run)):
         if source is None:
             continue
@@ -138,10 +140,11 @@ def supervised_source(run: Path) -> tuple[float, int, float]:
         batch = config["cold_start_batch"] or config["prompts_per_step"]
         cold = read_jsonl(source / "cold_start.jsonl")
         if cold and (source == run or Path(config.get("model") or "").name != "cold-start"):
-            return config["cold_start_lr"], batch, sum(m["step_time_s"] for m in cold) / len(cold)
+            return (config["cold_start_lr"], batch, sum(m["step_time_s"] for m in cold) / len(cold),
+                    config.get("cold_start_schedule", "constant"))
         steps = read_jsonl(source / "metrics.jsonl")
         if source != run and config.get("method") == "sft" and steps:
-            return config["lr"], batch, sum(m["step_time_s"] for m in steps) / len(steps)
+            return config["lr"], batch, sum(m["step_time_s"] for m in steps) / len(steps), config["schedule"]
     raise SystemExit(f"{run}: a control needs a GRPO run that started from supervised steps: its own cold start, "
                      "or --model OTHER/cold-start or OTHER/checkpoint-N of a --method sft run")
 
@@ -162,20 +165,25 @@ every weight by the full learning rate and undo part of the cold start (measured
 def control_options(grpo_run: Path) -> list[str]:
     """The control of a finished GRPO run (its own cold start, or one from a cold-start model): the model its GRPO
     steps started from, continued with supervised steps on the same demonstrations at the cold start's learning
-    rate and batch, for the summed time of the GRPO steps, evaluated about as often (in minutes) as GRPO was."""
+    rate and batch, for the summed time of the GRPO steps, evaluated about as often (in minutes) as GRPO was.
+    A cold start that decayed its lr (--cold-start-schedule) is continued the same way, warm-up and decay again
+    over the steps that fit GRPO's time: restarting at the peak with no decay would end the control on a
+    high-lr model, a weaker control than the recipe that made GRPO's start."""
     config = json.loads((grpo_run / "config.json").read_text())
     steps = read_jsonl(grpo_run / "metrics.jsonl")
     if not steps or config.get("method") == "sft":
         raise SystemExit(f"{grpo_run}: a control needs a finished GRPO run (its metrics.jsonl has no GRPO step)")
-    lr, batch, sft_step_s = supervised_source(grpo_run)
+    lr, batch, sft_step_s, schedule = supervised_source(grpo_run)
     grpo_minutes = sum(m["step_time_s"] for m in steps) / 60
+    # A decaying schedule needs its length in steps: as many as fit GRPO's time at the source's step time.
+    sft_steps = 1_000_000 if schedule == "constant" else max(CONTROL_WARMUP + 1, round(60 * grpo_minutes / sft_step_s))
     grpo_eval_every = config["eval_every"] or len(steps)
     eval_every = max(1, round(grpo_eval_every * (60 * grpo_minutes / len(steps)) / sft_step_s))
     model = grpo_run / "cold-start" if read_jsonl(grpo_run / "cold_start.jsonl") else Path(config["model"])
     # Later options win: the run's task, sizes, seed and evaluation stay; its GRPO settings do not apply.
     return [*config_options(config), "--model", str(model), "--cold-start-steps", "0", "--method", "sft",
             "--lr", str(lr), "--cold-start-batch", str(batch),
-            "--warmup-steps", str(CONTROL_WARMUP), "--schedule", "constant", "--steps", "1000000",
+            "--warmup-steps", str(CONTROL_WARMUP), "--schedule", schedule, "--steps", str(sft_steps),
             "--max-train-minutes", f"{grpo_minutes:.4f}", "--eval-every", str(eval_every), "--save-every", "0"]
 
 
@@ -185,6 +193,14 @@ def curve(run_dir: Path) -> list[tuple[float, float]]:
     cold = [e for e in evals if e.get("after_cold_start")]
     start = cold[-1:] or evals[:1]  # a recipe run: after its cold start; a control run: its model as loaded
     return [(e.get("train_seconds", 0.0) / 60, e["accuracy"]) for e in start + [e for e in evals if e["step"] > 0]]
+
+
+def mean_gap(grpo: list[tuple[float, float]], control: list[tuple[float, float]]) -> float:
+    """GRPO - control averaged over GRPO's evaluations after its start, the control's accuracy interpolated
+    linearly between its own evaluations at the same minutes of steps: what a run stopped at one of those times
+    would have gained, rather than at the one end time only."""
+    xs, ys = zip(*control)
+    return statistics.mean(acc - float(np.interp(t, xs, ys)) for t, acc in grpo[1:])
 
 
 def mean_se(xs: list[float]) -> str:
@@ -197,18 +213,21 @@ def mean_se(xs: list[float]) -> str:
 def control_table(size: str, pairs: list[tuple[int, Path, Path, float]]) -> str:
     """One row per seed (recipe run, control run, the recipe command's wall seconds) and their means."""
     header = ["run", "first model", "GRPO's start", "GRPO (end)", "supervised control (end)", "GRPO - control",
-              "GRPO - cold start", "GRPO steps, their time", "control steps, their time", "recipe command wall time"]
-    rows, cols = [], {k: [] for k in ("before", "cold", "grpo", "sft", "diff", "gain")}
+              "GRPO - control, mean over GRPO's evaluations", "GRPO - cold start", "GRPO steps, their time", "control steps, their time", "recipe command wall time"]
+    rows, cols = [], {k: [] for k in ("before", "cold", "grpo", "sft", "diff", "gap", "gain")}
     for seed, grpo_run, sft_run, wall in pairs:
         before = first_model_accuracy(grpo_run)
         grpo_curve = curve(grpo_run)
-        cold, grpo, sft = grpo_curve[0][1], grpo_curve[-1][1], curve(sft_run)[-1][1]
+        sft_curve = curve(sft_run)
+        cold, grpo, sft = grpo_curve[0][1], grpo_curve[-1][1], sft_curve[-1][1]
+        gap = mean_gap(grpo_curve, sft_curve)
         g_steps, s_steps = read_jsonl(grpo_run / "metrics.jsonl"), read_jsonl(sft_run / "metrics.jsonl")
-        vals = {"before": before, "cold": cold, "grpo": grpo, "sft": sft, "diff": grpo - sft, "gain": grpo - cold}
+        vals = {"before": before, "cold": cold, "grpo": grpo, "sft": sft, "diff": grpo - sft, "gap": gap,
+                "gain": grpo - cold}
         for k, v in vals.items():
             cols[k].append(v)
         rows.append([str(seed), f"{before:.3f}", f"{cold:.3f}", f"{grpo:.3f}", f"{sft:.3f}", f"{grpo - sft:+.3f}",
-                     f"{grpo - cold:+.3f}", f"{len(g_steps)}, {sum(m['step_time_s'] for m in g_steps) / 60:.1f} min",
+                     f"{gap:+.3f}", f"{grpo - cold:+.3f}", f"{len(g_steps)}, {sum(m['step_time_s'] for m in g_steps) / 60:.1f} min",
                      f"{len(s_steps)}, {sum(m['step_time_s'] for m in s_steps) / 60:.1f} min",
                      f"{wall / 60:.1f} min" if wall else "-"])
     if len(pairs) > 1:
@@ -269,7 +288,9 @@ def run_control_of(name: str, runs: list[Path], title: str) -> None:
     pairs = []
     for grpo_run in runs:
         sft_run = grpo_run.with_name(grpo_run.name + "-control")
-        if any(sft_run.glob("checkpoint-*")):  # finished earlier (its final checkpoint is written last): tabulate it
+        # Finished earlier: a control saves only its final checkpoint (--save-every 0), so OUTPUT/latest exists only
+        # then, and it stays when the checkpoint itself is deleted to free the disk.
+        if (sft_run / "latest").is_file():
             print(f"{sft_run}: finished earlier, not run again")
         else:
             train(control_options(grpo_run), sft_run)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rlvr_fast
-from rlvr_fast.grpo.trainer import nll_loss
+from rlvr_fast.grpo.trainer import nll_loss, scheduled_lr
 from rlvr_fast.kernels import LossConfig
 from rlvr_fast.kernels.reference import linear_token_logprobs_ref
 from rlvr_fast.tasks import Problem, register_task
@@ -83,6 +83,32 @@ def test_cold_start_learns_the_demonstrations_and_becomes_the_reference(tiny, tm
     initial, _ = rlvr_fast.load_pretrained(tiny)
     w = lambda m: m.model.layers[0].mlp.up_proj.weight
     assert (w(cold) - w(initial)).abs().max() > 1e-3
+
+
+def test_scheduled_lr():
+    """Warm-up rises linearly to the peak; constant holds it; linear and cosine fall from it towards 0 at the
+    last step, cosine staying above linear in the first half and below in the second."""
+    assert [scheduled_lr(1.0, "constant", s, 10, warmup=3) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    for kind in ("linear", "cosine"):
+        lrs = [scheduled_lr(2.0, kind, s, 10) for s in range(10)]
+        assert lrs[0] == 2.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.4
+        assert scheduled_lr(2.0, kind, 10, 10) == pytest.approx(0.0, abs=1e-12)  # past the end: 0, not negative
+    assert scheduled_lr(1.0, "cosine", 2, 10) > scheduled_lr(1.0, "linear", 2, 10)
+    assert scheduled_lr(1.0, "cosine", 8, 10) < scheduled_lr(1.0, "linear", 8, 10)
+    assert scheduled_lr(1.0, "cosine", 5, 10) == pytest.approx(0.5)
+
+
+def test_cold_start_schedule_decays_its_lr(tiny, tmp_path):
+    """--cold-start-schedule cosine: the cold start's own steps go from --cold-start-lr towards 0 (logged per
+    step); GRPO's steps after it keep --lr and their own schedule."""
+    out = tmp_path / "run"
+    assert main(args(tiny, out, "--task", "demo-test", "--cold-start-steps", "4", "--cold-start-lr", "1e-2",
+                     "--cold-start-schedule", "cosine", "--beta", "0", "--steps", "1", "--warmup-steps", "0",
+                     "--lr", "1e-3")) == 0
+    lrs = [r["lr"] for r in records(out / "cold_start.jsonl")]
+    assert lrs == pytest.approx([scheduled_lr(1e-2, "cosine", s, 4) for s in range(4)])
+    assert lrs[0] == 1e-2 and lrs[-1] < 0.2e-2
+    assert records(out / "metrics.jsonl")[0]["lr"] == 1e-3
 
 
 def test_resume_after_a_cold_start_equals_a_straight_run(tiny, tmp_path):

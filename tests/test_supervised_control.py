@@ -152,6 +152,21 @@ def test_control_options_match_the_grpo_time_from_the_runs_files(tmp_path, own_c
     assert cfg.max_train_minutes == pytest.approx(80 / 60, abs=1e-4)
     # GRPO evaluated every 2 steps of 20 s = every 40 s; sft steps took 5 s (the cold start's): every 8 steps
     assert cfg.eval_every == 8
+    assert cfg.schedule == "constant" and cfg.steps >= 1_000_000  # the time limit ends it
+
+
+def test_control_of_a_decayed_cold_start_decays_again_over_grpos_time(tmp_path):
+    """--cold-start-schedule cosine: the control warms up and decays again, over the steps that fit GRPO's time
+    at the cold start's step time (80 s / 5 s = 16), the time limit still set."""
+    import bench_learning
+    grpo = write_run(tmp_path / "grpo", [(0, 0, 0.0, False), (0, 0, 0.25, True), (4, 80, 0.5, False)],
+                     [{"step": s, "step_time_s": 20.0, "accuracy": 0.5, "entropy": 0.1} for s in (1, 2, 3, 4)],
+                     cold_steps=3, cold_start_lr=1.5e-4, cold_start_batch=8, cold_start_steps=3,
+                     cold_start_schedule="cosine", lr=1e-5)
+    cfg = parse_config(bench_learning.control_options(grpo))
+    assert cfg.schedule == "cosine" and cfg.steps == 16 and cfg.lr == 1.5e-4
+    assert cfg.warmup_steps == bench_learning.CONTROL_WARMUP
+    assert cfg.max_train_minutes == pytest.approx(80 / 60, abs=1e-4)
 
 
 def test_the_control_of_a_run_from_a_supervised_runs_checkpoint_continues_those_steps(tmp_path):
@@ -178,7 +193,8 @@ def test_control_table_and_plot_read_both_arms(tmp_path, monkeypatch):
     import bench_learning
     pairs = []
     for seed, (grpo_end, sft_end) in enumerate([(0.5, 0.375), (0.625, 0.375), (0.75, 0.5)]):
-        grpo = write_run(tmp_path / f"g{seed}", [(0, 0, 0.0, False), (0, 0, 0.25, True), (2, 40, grpo_end, False)],
+        grpo = write_run(tmp_path / f"g{seed}", [(0, 0, 0.0, False), (0, 0, 0.25, True), (1, 20, 0.5, False),
+                                                 (2, 40, grpo_end, False)],
                          [{"step": s, "step_time_s": 20.0, "accuracy": 0.4, "entropy": None if s == 1 else 0.2}
                           for s in (1, 2)], cold_steps=2)
         sft = write_run(tmp_path / f"s{seed}", [(0, 0, 0.25, False), (8, 40, sft_end, False)],
@@ -186,9 +202,31 @@ def test_control_table_and_plot_read_both_arms(tmp_path, monkeypatch):
                         lr=1.5e-4, cold_start_batch=8)
         pairs.append((f"seed {seed}", grpo, sft, 600.0))
     table = bench_learning.control_table("4x2", pairs)
-    assert "| seed 0 | 0.000 | 0.250 | 0.500 | 0.375 | +0.125 | +0.250 | 2, 0.7 min | 8, 0.7 min | 10.0 min |" in table
+    # GRPO - control over GRPO's evaluations: at 20 s the control is interpolated halfway from 0.25 to 0.375
+    # (0.3125, so GRPO's 0.5 leads by 0.1875), at 40 s by 0.125: mean 0.156
+    assert ("| seed 0 | 0.000 | 0.250 | 0.500 | 0.375 | +0.125 | +0.156 | +0.250 | 2, 0.7 min | 8, 0.7 min | 10.0 min |"
+            in table)
     # means over seeds with their standard errors: GRPO 0.625 ± 0.072, control 0.417 ± 0.042, difference 0.208 ± 0.042
     assert "| mean ± s.e. (3 runs) | 0.000 ± 0.000 | 0.250 ± 0.000 | 0.625 ± 0.072 | 0.417 ± 0.042 | 0.208 ± 0.042 |" in table
+    assert "GRPO - control, mean over GRPO's evaluations" in table
     assert "lr 0.00015, 8 problems per step" in table
     bench_learning.control_plot("4x2", pairs, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_control_of_reruns_only_unfinished_controls(tmp_path, monkeypatch):
+    """--control-of keeps a control that finished (OUTPUT/latest written after its final checkpoint, kept when the
+    checkpoint is deleted for disk space) and runs the one that has no `latest`."""
+    import bench_learning
+    runs = []
+    for name in ("done", "todo"):
+        runs.append(write_run(tmp_path / name, [(0, 0, 0.25, False), (1, 20, 0.5, False)],
+                              [{"step": 1, "step_time_s": 20.0, "accuracy": 0.4, "entropy": 0.1}], cold_steps=2))
+    (tmp_path / "done-control").mkdir()
+    (tmp_path / "done-control" / "latest").write_text("checkpoint-4\n")
+    ran, published = [], []
+    monkeypatch.setattr(bench_learning, "train", lambda options, out: ran.append(out) or (0.0, 0.0, 0.0))
+    monkeypatch.setattr(bench_learning, "publish_control", lambda name, pairs, *a, **k: published.extend(pairs))
+    bench_learning.run_control_of("x", runs, "title")
+    assert ran == [tmp_path / "todo-control"]
+    assert [p[2] for p in published] == [tmp_path / "done-control", tmp_path / "todo-control"]

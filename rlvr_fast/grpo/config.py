@@ -112,7 +112,10 @@ class ColdStartOptions:
 
     cold_start_steps: int = opt(0, "supervised steps on the task's demonstrations before GRPO (DeepSeek-R1's "
                                    "cold start); the KL reference is the model after them")
-    cold_start_lr: float = opt(1e-4, "learning rate of the cold-start steps (constant, their own AdamW)")
+    cold_start_lr: float = opt(1e-4, "peak learning rate of the cold-start steps (their own AdamW, no warm-up)")
+    cold_start_schedule: str = opt("constant", "learning-rate schedule of the cold-start steps, from --cold-start-lr "
+                                               "towards 0 at the last one (cosine or linear), or constant",
+                                   choices=SCHEDULES)
     cold_start_batch: int | None = opt(None, "problems demonstrated per cold-start step (default: --prompts-per-step); "
                                              "apart from GRPO's batch, so a cheaper GRPO step keeps its cold start")
 

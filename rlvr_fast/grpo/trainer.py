@@ -118,6 +118,17 @@ def rollout_metrics(ro: Rollout, keep: list[int], zero_std: torch.Tensor) -> dic
     }
 
 
+def scheduled_lr(peak: float, schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The learning rate of 0-based `step` of `total`: a linear warm-up over `warmup` steps, then `peak` held
+    (constant) or decayed towards 0 at the last step (linear, cosine). Shared by GRPO's steps and the cold start's."""
+    if step < warmup:
+        return peak * ((step + 1) / (warmup + 1))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (1 - progress if schedule == "linear" else 1.0)
+
+
 def check_cold_start(cfg: TrainConfig, task, tokenizer) -> None:
     """Supervised steps (the cold start, or --method sft) need demonstrations that fit the completion limit."""
     flag = "--cold-start-steps" if cfg.cold_start_steps else "--method sft" if cfg.method == "sft" else None
@@ -214,12 +225,7 @@ class GRPOTrainer:
 
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
-        if step < cfg.warmup_steps:
-            return cfg.lr * ((step + 1) / (cfg.warmup_steps + 1))
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        if cfg.schedule == "cosine":
-            return cfg.lr * (0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-        return cfg.lr * (max(0.0, 1 - progress) if cfg.schedule == "linear" else 1.0)
+        return scheduled_lr(cfg.lr, cfg.schedule, step, cfg.steps, cfg.warmup_steps)
 
     # ---- rollout and rewards -------------------------------------------------------------
 
@@ -530,7 +536,8 @@ class GRPOTrainer:
         while self.cold_start_done < cfg.cold_start_steps:
             t0 = time.perf_counter()
             # Cold-start steps draw their rounding noise apart from the GRPO steps'.
-            m = self.supervised_step(optimizer, cfg.cold_start_lr, rng, noise_key=-1 - self.cold_start_done)
+            lr = scheduled_lr(cfg.cold_start_lr, cfg.cold_start_schedule, self.cold_start_done, cfg.cold_start_steps)
+            m = self.supervised_step(optimizer, lr, rng, noise_key=-1 - self.cold_start_done)
             self.cold_start_done += 1
             m = {"cold_start_step": self.cold_start_done, **m, "step_time_s": time.perf_counter() - t0}
             self.cold_start_log.write(m)
