@@ -133,6 +133,76 @@ def test_sharded_checkpoint_loads(tmp_path, family):
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=2e-5, rtol=1e-5)
 
 
+# ---- rollouts and training ----
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_greedy_rollout_equals_transformers_generate(tmp_path, family):
+    path, hf = hf_checkpoint(tmp_path, family)
+    model, tok = rlvr_fast.load_pretrained(path)
+    engine = RolloutEngine(model, tok, num_blocks=64, block_size=4)
+    eos = sorted(engine.eos_token_ids)
+    assert {0, 2} <= set(eos)  # config.json's list and the tokenizer's eos_token
+    prompts = [ids_batch((n,), seed=n).tolist() for n in (1, 6, 13)]
+    out = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=16), n=2)
+    for prompt, group in zip(prompts, out):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=2)
+        want = ref[0, len(prompt):].tolist()
+        cut = [i for i, t in enumerate(want) if t in eos]
+        want = want[:cut[0] + 1] if cut else want
+        for c in group:
+            assert c.token_ids == want
+
+
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_every_listed_eos_id_ends_a_completion(tmp_path, where):
+    path, _ = hf_checkpoint(tmp_path, "qwen2")
+    model, tok = rlvr_fast.load_pretrained(path)
+    prompt = ids_batch((9,)).tolist()
+    free = RolloutEngine(model, tok).generate(prompt, SamplingParams(temperature=0, max_new_tokens=12,
+                                                                     ignore_eos=True))[0][0].token_ids
+    k = next(i for i in range(2, 12) if free[i] not in free[:i])  # a token greedy decoding first picks at step k
+    assert not {0, 2} & set(free[:k])
+    file = path / where
+    cfg = json.loads(file.read_text()) if file.is_file() else {}
+    cfg["eos_token_id"] = [2, free[k]]  # e.g. Qwen's <|im_end|> and <|endoftext|>
+    file.write_text(json.dumps(cfg))
+    model, tok = rlvr_fast.load_pretrained(path)
+    c = RolloutEngine(model, tok).generate(prompt, SamplingParams(temperature=0, max_new_tokens=12))[0][0]
+    assert c.token_ids == free[:k + 1] and c.finish_reason == "eos"
+
+
+TINY_FAMILY = {"llama": dict(rope_scaling=LLAMA3_ROPE), "mistral": dict(sliding_window=4096), "qwen2": {},
+               "qwen3": dict(head_dim=24)}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["grpo", "lora"])
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_a_training_step_changes_the_weights(tmp_path, family, lora):
+    from rlvr_fast.checkpoint.adapters import load_adapters
+    tiny = make_tiny_checkpoint(tmp_path / "model", family=family, **TINY_FAMILY[family])
+    extra = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,k,v,o,gate,up,down"] if lora else []
+    assert main(args(tiny, tmp_path / "run", "--task", "digits-test", "--steps", "1", *extra)) == 0
+    base, tok = rlvr_fast.load_pretrained(tiny)
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    trained = load_adapters(rlvr_fast.load_pretrained(tiny)[0], ckpt) if lora else rlvr_fast.load_pretrained(ckpt)[0]
+    assert trained.config.model_type == family
+    ids = torch.tensor([tok.encode("12 * 3 =")])
+    with torch.no_grad():
+        assert not torch.allclose(trained(ids), base(ids), atol=1e-5)
+    q = trained.model.layers[0].self_attn.q_proj
+    assert (q.bias is not None) == (family == "qwen2")
+
+
+def test_a_run_no_completion_fits_in_the_window_is_refused_up_front(tmp_path, capsys):
+    tiny = make_tiny_checkpoint(tmp_path / "model", family="mistral", sliding_window=6)
+    with pytest.raises(SystemExit, match="--max-new-tokens 6 plus a prompt is longer than this mistral checkpoint's "
+                                         "sliding attention window of 6 tokens"):
+        main(args(tiny, tmp_path / "run", "--task", "digits-test", "--steps", "1"))
+    assert not (tmp_path / "run").exists()
+
+
 # ---- sliding windows: exact up to the window, refused beyond it ----
 
 def test_mistral_window_is_exact_up_to_its_length_and_refused_beyond(tmp_path):

@@ -123,14 +123,16 @@ class LlamaConfig:
             return self.sliding_window if first < self.num_hidden_layers else None
         return self.sliding_window
 
-    def check_length(self, length: int) -> None:
+    def check_length(self, length: int, what: str | None = None) -> None:
         """Refuse a sequence of `length` tokens (prompt + completion) that sliding-window attention would
         treat differently from full attention. Up to the window's length the two are the same, so a
-        checkpoint with a window runs exactly, as long as no sequence outgrows it."""
+        checkpoint with a window runs exactly, as long as no sequence outgrows it. `what` names the
+        sequence in the message (default: "a sequence of {length} tokens")."""
         window = self.attention_window
         if window is not None and length > window:
+            what = what or f"a sequence of {length} tokens"
             raise ConfigError(
-                f"a sequence of {length} tokens is longer than this {self.model_type} checkpoint's sliding attention "
+                f"{what} is longer than this {self.model_type} checkpoint's sliding attention "
                 f"window of {window} tokens (config.json sliding_window); rlvr_fast does not implement sliding-window "
                 f"attention, which changes nothing up to {window} tokens: keep prompt + completion within {window} "
                 "tokens (lower --max-new-tokens or use shorter prompts)")
