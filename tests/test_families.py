@@ -95,7 +95,8 @@ def test_packed_and_shared_prompt_logits_match_transformers(tmp_path, family):
         flat = torch.cat(prompts + [c for comps in completions for c in comps])
         got = model.logits(model.forward_packed(flat, batch))
         want = [hf(p[None]).logits[0] for p in prompts]
-        want += [hf(torch.cat([p, c])[None]).logits[0, len(p):] for p, comps in zip(prompts, completions) for c in comps]
+        want += [hf(torch.cat([p, c])[None]).logits[0, len(p):]
+                 for p, comps in zip(prompts, completions) for c in comps]
         torch.testing.assert_close(got, torch.cat(want), atol=2e-5, rtol=1e-5)
 
 
@@ -235,7 +236,8 @@ def test_qwen_window_counts_only_when_a_layer_slides(tmp_path, family):
         with pytest.raises(ConfigError, match=f"{family} checkpoint's sliding attention window of 12"):
             model(ids_batch((1, 13)))
     # The window is on but no layer uses it (max_window_layers >= layers): every length runs, as in transformers.
-    path, hf = hf_checkpoint(tmp_path / "unused", family, use_sliding_window=True, sliding_window=12, max_window_layers=2)
+    path, hf = hf_checkpoint(tmp_path / "unused", family, use_sliding_window=True, sliding_window=12,
+                             max_window_layers=2)
     model = load_model(path)
     assert model.config.attention_window is None
     with torch.no_grad():

@@ -95,7 +95,8 @@ class LlamaConfig:
             raise ConfigError(f"a {self.model_type} model cannot have {wrong} ({FAMILIES[self.model_type]} "
                               f"fixes {fixed})")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ConfigError(f"config.json: sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+            raise ConfigError(f"config.json: sliding_window must be a positive integer or null, "
+                              f"got {self.sliding_window!r}")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
@@ -143,7 +144,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LlamaConfig":
-        """Build from a parsed config.json, checking that it describes a Llama causal LM."""
+        """Build from a parsed config.json, checking that it describes a supported family (FAMILIES)."""
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if model_type not in FAMILIES or any(a != FAMILIES[model_type] for a in archs):
