@@ -196,12 +196,16 @@ def test_a_training_step_changes_the_weights(tmp_path, family, lora):
     assert (q.bias is not None) == (family == "qwen2")
 
 
-def test_a_run_no_completion_fits_in_the_window_is_refused_up_front(tmp_path, capsys):
+def test_a_run_outgrowing_the_window_is_refused_with_one_error_line(tmp_path, capsys):
     tiny = make_tiny_checkpoint(tmp_path / "model", family="mistral", sliding_window=6)
     with pytest.raises(SystemExit, match="--max-new-tokens 6 plus a prompt is longer than this mistral checkpoint's "
                                          "sliding attention window of 6 tokens"):
         main(args(tiny, tmp_path / "run", "--task", "digits-test", "--steps", "1"))
     assert not (tmp_path / "run").exists()
+    # A window the completions fit in but the chat-templated prompts do not: refused at the first rollout.
+    tiny = make_tiny_checkpoint(tmp_path / "model8", family="mistral", sliding_window=8)
+    assert main(args(tiny, tmp_path / "run8", "--task", "digits-test", "--steps", "1")) == 1
+    assert "checkpoint's sliding attention window of 8 tokens" in capsys.readouterr().err
 
 
 # ---- sliding windows: exact up to the window, refused beyond it ----
