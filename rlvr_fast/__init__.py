@@ -52,7 +52,8 @@ def __dir__() -> list[str]:
 
 def load_pretrained(path: str | Path | None = None, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """Load (model, tokenizer) from an HF-layout Llama directory; path=None means the embedded default model."""
+    """Load (model, tokenizer) from an HF-layout Llama, Mistral, Qwen2 or Qwen3 directory; path=None means the
+    embedded default model."""
     from rlvr_fast.checkpoint import load_model
     from rlvr_fast.tokenizer import Tokenizer
     if path is None:

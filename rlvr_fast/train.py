@@ -195,6 +195,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
     import rlvr_fast
     from rlvr_fast.grpo.checkpointing import CheckpointSaveError
     from rlvr_fast.grpo.trainer import GRPOTrainer, TrainingError, check_cold_start
+    from rlvr_fast.model.config import ConfigError
     from rlvr_fast.tasks import make_task
     from rlvr_fast.tasks.scoring import RewardError
     try:
@@ -217,6 +218,8 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         raise SystemExit(f"error: {exc}")
     try:
         check_cold_start(cfg, task, tokenizer)  # before any output is written
+        # A sliding window no completion fits in: refused now. Longer prompts are refused at their rollout.
+        model.config.check_length(cfg.max_new_tokens + 1, f"--max-new-tokens {cfg.max_new_tokens} plus a prompt")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     if dist.is_main:
@@ -237,7 +240,7 @@ def run(cfg: TrainConfig, output: Path, resume_from: Path | None, dist: distribu
         trainer.fit()
     except KeyboardInterrupt:
         return 130
-    except (TrainingError, RewardError, CheckpointSaveError) as exc:
+    except (TrainingError, RewardError, CheckpointSaveError, ConfigError) as exc:  # ConfigError: a sliding window
         if not dist.enabled:
             print(f"error: {exc}", file=sys.stderr)
         dist.fail(exc)  # rank 0 prints it, naming the rank; the others stop too (a reward error may hit one rank)

@@ -1,6 +1,6 @@
-"""Tiny random Llama checkpoints for tests, built with the project's own code (no hub, no transformers).
+"""Tiny random Llama-family checkpoints for tests, built with the project's own code (no hub, no transformers).
 
-`make_tiny_checkpoint(path, **config_overrides)` writes an HF-layout directory: config.json,
+`make_tiny_checkpoint(path, family="llama", **config_overrides)` writes an HF-layout directory: config.json,
 model.safetensors and a small byte-level BPE tokenizer (trained here, deterministically) with a
 ChatML chat template, like SmolLM2's.
 """
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlvr_fast import LlamaConfig, LlamaForCausalLM, Tokenizer, save_pretrained
+from rlvr_fast.model.config import FAMILIES
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -56,10 +57,11 @@ def write_tokenizer_files(path: Path, vocab_size: int = 320) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def make_tiny_checkpoint(path: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a random-weight tiny Llama checkpoint with a tokenizer to `path` and return it."""
+def make_tiny_checkpoint(path: str | Path, seed: int = 0, family: str = "llama", **overrides: Any) -> Path:
+    """Write a random-weight tiny checkpoint of `family` (a model_type of FAMILIES) with a tokenizer to
+    `path` and return it."""
     path = Path(path)
-    raw = {**TINY_CONFIG, **overrides, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    raw = {**TINY_CONFIG, **overrides, "architectures": [FAMILIES[family]], "model_type": family}
     cfg = LlamaConfig.from_dict(raw)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -1,11 +1,11 @@
-"""Load an HF-layout Llama checkpoint directory into the project's own model.
+"""Load an HF-layout Llama-family checkpoint directory (Llama, Mistral, Qwen2, Qwen3) into the project's own model.
 
 A checkpoint directory holds `config.json`, the weights as `model.safetensors` or as shards
 listed in `model.safetensors.index.json`, and tokenizer files. The model is first built on the
 `meta` device (no memory), then each tensor is read from the memory-mapped safetensors file
 straight onto the target device and dtype and put in place: the weights are never held twice.
 
-Every problem a user can cause (wrong path, not a Llama, truncated or mismatched files) is
+Every problem a user can cause (wrong path, an unsupported architecture, truncated or mismatched files) is
 reported as a CheckpointError that names the file and what to do, before any deep traceback.
 """
 

@@ -135,6 +135,15 @@ class PackedBatch:
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens in the longest sequence attention sees, a shared prompt counted with its completions (host int)."""
+        if self.shared is None:
+            return self.max_seqlen
+        sp = self.shared
+        return max(b - a + max(comps, default=0)
+                   for a, b, comps in zip(sp.prompt_bounds, sp.prompt_bounds[1:], sp.completion_lens))
+
     def runs(self) -> list[tuple[int, int, int]]:
         """(first token, count, length) of runs of consecutive sequences of equal length: one run is a
         [count, length] block of the packed tokens, one batched kernel call without any copy. A run never

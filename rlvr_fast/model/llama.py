@@ -1,7 +1,9 @@
-"""A Llama-family causal language model in plain PyTorch (Llama 2/3.x, SmolLM/SmolLM2).
+"""A Llama-family causal language model in plain PyTorch: Llama 2/3.x, SmolLM/SmolLM2, Mistral,
+Qwen2/2.5 and Qwen3 (one model; the families differ by the config switches qkv_bias, o_bias,
+qk_norm and sliding_window, see config.py).
 
-Parameter names follow Hugging Face's LlamaForCausalLM exactly, so checkpoints load and save
-with no renaming. Two entry points:
+Parameter names follow Hugging Face's *ForCausalLM exactly (Qwen3's q_norm/k_norm included), so
+checkpoints load and save with no renaming. Entry points:
 
 * `model(input_ids)`: input_ids [B, T] -> logits [B, T, V], a plain batch of equal lengths.
 * `model.forward_hidden(input_ids, cu_seqlens)`: packed input_ids [N] holding B sequences back to
@@ -63,11 +65,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slice of a KV cache this layer owns
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        h, bias = cfg.hidden_size, cfg.attention_bias
+        h, bias = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, weights shared by the heads
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.packed: dict[str, PackedLinear] | None = None  # set only during a CPU rollout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PackedBatch | None,
@@ -81,6 +87,8 @@ class Attention(nn.Module):
         q = q.reshape(n, self.num_heads, self.head_dim)
         k = k.reshape(n, self.num_kv_heads, self.head_dim)
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # before RoPE, as Qwen3 does; the plain module on both paths (one formula)
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             out = varlen_causal_attention(q, k, v, batch)  # [N, Hq, D]
@@ -178,6 +186,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, batch: PackedBatch | None,
              cache: KVCacheContext | None = None) -> torch.Tensor:
+        if cache is None:  # the rollout engine checks its sequences' lengths once, up front
+            self.config.check_length(batch.longest_sequence)
         x = self.model.embed_tokens(input_ids)
         inv_freq = self._inv_freq.to(x.device)
         positions = cache.positions if cache is not None else batch.positions

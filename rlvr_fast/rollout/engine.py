@@ -153,6 +153,8 @@ class RolloutEngine:
         runner = self._ensure_cache()
         bm = self.block_manager = BlockManager(self.num_blocks, self.block_size)
         longest = max(min(len(p) + params.max_new_tokens, self.max_model_len) for p in prompt_ids)
+        # Refuses a sequence that could outgrow a sliding attention window (not implemented, see config.py).
+        self.model.config.check_length(longest)
         if cdiv(longest, self.block_size) > bm.num_blocks:
             raise ValueError(f"one sequence of {longest} tokens needs {cdiv(longest, self.block_size)} KV blocks "
                              f"but the cache has {bm.num_blocks}: raise num_blocks or lower max_new_tokens")
