@@ -52,14 +52,15 @@ PLOTS = Path(__file__).resolve().parent / "learning"
 # target-size demonstrations, then GRPO without a KL reference; 4x2 scales the cold start to its longer
 # demonstrations. Their runs, and GRPO settings compared from one cold start: bench/RESULTS.md, "Learning
 # multiplication ...".
-COLD_START_RECIPE = ["--no-curriculum", "--cold-start-lr", "1.5e-4", "--cold-start-batch", "8", "--prompts-per-step",
+COLD_START_RECIPE = ["--no-curriculum", "--cold-start-lr", "1.5e-4", "--cold-start-schedule", "cosine",
+                     "--cold-start-batch", "8", "--prompts-per-step",
                      "4", "--temperature", "1.0", "--clip-high", "0.28", "--beta", "0", "--lr", "1e-5"]  # 3e-5 undid its gains
 RUNS: dict[str, list[str]] = {
     "1x1": [],  # the main command's defaults
-    "2x2": ["--digits", "2", "2", *COLD_START_RECIPE, "--cold-start-steps", "100", "--max-new-tokens", "128",
-            "--steps", "28", "--eval-every", "14", "--eval-size", "128"],
-    "4x2": ["--digits", "4", "2", *COLD_START_RECIPE, "--cold-start-steps", "150", "--max-new-tokens", "200",
-            "--steps", "30", "--eval-every", "10", "--eval-size", "128"],
+    "2x2": ["--digits", "2", "2", *COLD_START_RECIPE, "--cold-start-steps", "150", "--max-new-tokens", "128",
+            "--steps", "14", "--eval-every", "7", "--eval-size", "128"],
+    "4x2": ["--digits", "4", "2", *COLD_START_RECIPE, "--cold-start-steps", "210", "--max-new-tokens", "200",
+            "--steps", "10", "--eval-every", "5", "--eval-size", "128"],
 }
 
 
@@ -74,7 +75,9 @@ def held_out(evals: list[dict]) -> tuple[float | None, float | None, float | Non
 
 def train(options: list[str], out: Path) -> tuple[float, float, float]:
     """Run the main command with these options into `out`: (wall seconds, load average before, after)."""
-    cmd = [sys.executable, "-m", "rlvr_fast.train", "--task", "multiply", *options, "--output", str(out)]
+    # --save-every 0: a bench run needs only its final checkpoint (written always); the options still win.
+    cmd = [sys.executable, "-m", "rlvr_fast.train", "--task", "multiply", "--save-every", "0", *options,
+           "--output", str(out)]
     print("running:", " ".join(cmd), flush=True)
     load_before, seconds = os.getloadavg()[0], []
     with timed(seconds):
@@ -270,14 +273,43 @@ def control_plot(size: str, pairs: list[tuple[int, Path, Path, float]], path: Pa
     fig.savefig(path)
 
 
+def finished_run(out: Path, options: list[str]) -> bool:
+    """Whether `out` holds a finished run of these options (OUTPUT/latest is written after the final checkpoint),
+    so a stopped `--control --keep DIR` resumes where it stopped. A finished run of other options is refused
+    rather than tabulated as this recipe's."""
+    if not (out / "latest").is_file():
+        return False
+    from rlvr_fast.train import parse_config
+    ours = {**parse_config(["--task", "multiply", *options, "--output", str(out)]).to_dict(), "save_every": None}
+    theirs = {**json.loads((out / "config.json").read_text()), "output": str(out), "save_every": None}
+    if json.dumps(ours, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+        differ = sorted(k for k in ours if json.dumps(ours[k]) != json.dumps(theirs.get(k)))
+        raise SystemExit(f"{out} holds a finished run of other options ({', '.join(differ)}): move it away or "
+                         "give another --keep directory")
+    print(f"{out}: finished earlier, not run again", flush=True)
+    return True
+
+
+def train_once(options: list[str], out: Path) -> float | None:
+    """`train` unless `out` already holds this finished run; the run's wall seconds (kept in OUTPUT/bench.json,
+    None for a run adopted without one)."""
+    record = out / "bench.json"
+    if finished_run(out, options):
+        return json.loads(record.read_text())["seconds"] if record.is_file() else None
+    wall = train(options, out)[0]
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seconds": wall}))
+    return wall
+
+
 def run_control(size: str, extra: list[str], seeds: list[int], keep: Path | None) -> None:
     root = keep or Path(tempfile.mkdtemp(prefix=f"bench_learning_{size}_control_"))
     pairs = []
     for seed in seeds:
         options = RUNS[size] + extra + ["--seed", str(seed)]
         grpo_run, sft_run = root / f"{size}-seed{seed}-grpo", root / f"{size}-seed{seed}-control"
-        wall = train(options, grpo_run)[0]
-        train(control_options(grpo_run), sft_run)
+        wall = train_once(options, grpo_run)
+        train_once(control_options(grpo_run), sft_run)
         pairs.append((f"seed {seed}", grpo_run, sft_run, wall))
     publish_control(size, pairs, f"per seed: the recipe (`{' '.join(RUNS[size] + extra)}`), then its control; "
                                  f"runs kept in {root}")

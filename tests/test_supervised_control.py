@@ -230,3 +230,27 @@ def test_control_of_reruns_only_unfinished_controls(tmp_path, monkeypatch):
     bench_learning.run_control_of("x", runs, "title")
     assert ran == [tmp_path / "todo-control"]
     assert [p[2] for p in published] == [tmp_path / "done-control", tmp_path / "todo-control"]
+
+
+def test_a_stopped_control_bench_resumes_and_refuses_other_options(tmp_path, monkeypatch):
+    """--control --keep DIR: a finished recipe run of the same options (OUTPUT/latest written) is tabulated, not run
+    again, whatever its --save-every; its wall time comes from its bench.json; a finished run of other options is
+    refused; an unfinished one is run again."""
+    import bench_learning
+    from rlvr_fast.train import parse_config
+    options = bench_learning.RUNS["2x2"] + ["--seed", "0"]
+    done = tmp_path / "done"
+    done.mkdir()
+    config = parse_config(["--task", "multiply", *options, "--save-every", "7", "--output", str(done)]).to_dict()
+    (done / "config.json").write_text(json.dumps(config))
+    assert not bench_learning.finished_run(done, options)  # no `latest`: stopped before its end
+    (done / "latest").write_text("checkpoint-14\n")
+    assert bench_learning.finished_run(done, options)
+    (done / "bench.json").write_text(json.dumps({"seconds": 900.0}))
+    ran = []
+    monkeypatch.setattr(bench_learning, "train", lambda opts, out: ran.append(out) or (60.0, 0.0, 0.0))
+    assert bench_learning.train_once(options, done) == 900.0 and ran == []
+    assert bench_learning.train_once(options, tmp_path / "new") == 60.0 and ran == [tmp_path / "new"]
+    assert json.loads((tmp_path / "new" / "bench.json").read_text()) == {"seconds": 60.0}
+    with pytest.raises(SystemExit, match="other options.*seed"):
+        bench_learning.finished_run(done, bench_learning.RUNS["2x2"] + ["--seed", "1"])
