@@ -3,9 +3,14 @@
     python bench/bench_e2e.py                            # 2 prompts x G=8 x 64 new tokens, fp32, K=3 timed steps
     python bench/bench_e2e.py --dtype bfloat16 --no-second-ours   # both sides in bf16
     python bench/bench_e2e.py --prompts 2 --group 8 --new-tokens 64 --steps 3 --no-ignore-eos --no-write
+    python bench/bench_e2e.py --model DIR                # any supported HF-layout checkpoint, both sides
+    python bench/bench_e2e.py --random-model qwen3-0.6b --dtype bfloat16 --no-second-ours --no-write
+                                                         # random weights, Qwen3-0.6B's shapes, built on the spot
 
 Both trainers: the embedded default model (SmolLM2-135M-Instruct, the HF-layout directory of
-rlvr_fast.checkpoint.default_model.default_model_dir()), on CPU in one precision (--dtype: fp32, or bf16:
+rlvr_fast.checkpoint.default_model.default_model_dir()), or the checkpoint of --model DIR, or a random-weight
+checkpoint of bench/shapes.py's SHAPE that --random-model SHAPE builds (bf16, small test tokenizer; its
+completions are noise, so every reward is 0 and only the "all groups" and TRL rows do update work), on CPU in one precision (--dtype: fp32, or bf16:
 ours bf16 weights with fp32 master weights, TRL bf16 weights with bf16=True autocast), multiply-task prompts
 (MultiplyTask(digits=(1, 1), curriculum=False), chat-templated by each side's tokenizer from the
 same messages), P prompts x G completions x at most N new tokens, temperature 1.0 (no top-k/top-p),
@@ -42,8 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchlib import (Wall, add_no_write, emit, fixed_work, markdown_table, memory_now, publish, ratio,  # noqa: E402
-                      run_child)
+from benchlib import (Wall, add_model_options, add_no_write, bench_model, emit, fixed_work, markdown_table,  # noqa: E402
+                      memory_now, publish, ratio, run_child)
 
 SEED = 0
 LR = 1e-6
@@ -57,6 +62,12 @@ def rss_gb() -> float:
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def checkpoint(args: argparse.Namespace) -> Path:
+    """The child's model directory: the parent's --model, else the embedded default model."""
+    from rlvr_fast.checkpoint.default_model import default_model_dir
+    return args.model or default_model_dir()
 
 
 def make_task():
@@ -74,7 +85,6 @@ def child_ours(args: argparse.Namespace) -> dict:
 
     import rlvr_fast
     import rlvr_fast.grpo.trainer as trainer_mod
-    from rlvr_fast.checkpoint.default_model import default_model_dir
     from rlvr_fast.grpo.config import TrainConfig
 
     notes = fixed_work(trainer_mod, args.all_groups, args.child_ignore_eos)  # like TRL: trains tied groups too
@@ -86,7 +96,7 @@ def child_ours(args: argparse.Namespace) -> dict:
                       lr=LR, dtype=args.dtype, device="cpu", steps=1 + args.steps, seed=SEED, eval_every=0,
                       save_every=0, sample_every=0, max_oversample=1, output=str(out_dir))  # one round, as TRL
     device = torch.device("cpu")
-    model, tok = rlvr_fast.load_pretrained(default_model_dir(), device=device, dtype=getattr(torch, args.dtype))
+    model, tok = rlvr_fast.load_pretrained(checkpoint(args), device=device, dtype=getattr(torch, args.dtype))
     trainer = trainer_mod.GRPOTrainer(cfg, model, tok, make_task(), out_dir, device)
     rss_load = rss_gb()
     steps = []
@@ -115,7 +125,6 @@ def child_trl(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlvr_fast.checkpoint.default_model import default_model_dir
     from rlvr_fast.tasks.base import total_reward
     from rlvr_fast.tasks.multiply import multiply_reward
 
@@ -167,7 +176,7 @@ def child_trl(args: argparse.Namespace) -> dict:
     if args.no_kl_bias_correction:  # the KL form the fused loss implements (TRL 1.16 defaults to the ratio-weighted one)
         config.use_bias_correction_kl = False
     timer = Timer()
-    trainer = GRPOTrainer(model=str(default_model_dir()), reward_funcs=multiply, args=config, train_dataset=ds,
+    trainer = GRPOTrainer(model=str(checkpoint(args)), reward_funcs=multiply, args=config, train_dataset=ds,
                           callbacks=[timer])
     split: dict[str, list[float]] = {"generate_s": [], "loss_forward_s": []}
 
@@ -217,7 +226,9 @@ def trl_available() -> str | None:
 
 def run_variant(kind: str, args: argparse.Namespace, all_groups: bool = False, ignore_eos: bool = False,
                 extra: tuple[str, ...] = ()) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--prompts", str(args.prompts),
+    model = getattr(args, "model", None)  # bench_embed.py's namespace has none: the default model
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *(["--model", str(model)] if model else []),
+           "--prompts", str(args.prompts),
            "--group", str(args.group), "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
            "--dtype", args.dtype, *extra, *(["--all-groups"] if all_groups else []),
            *(["--child-ignore-eos"] if ignore_eos else [])]
@@ -244,6 +255,7 @@ def main() -> None:
     ap.add_argument("--second-ours", action=argparse.BooleanOptionalAction, default=True,
                     help="run ours again after TRL")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="precision of both sides")
+    add_model_options(ap)
     add_no_write(ap)
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--all-groups", action="store_true", help=argparse.SUPPRESS)
@@ -252,10 +264,16 @@ def main() -> None:
     ap.add_argument("--no-kl-bias-correction", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.child:
+    if args.child:  # the parent passes --model: the directory it resolved
         emit((child_ours if args.child == "ours" else child_trl)(args))
         return
+    with bench_model(args) as (args.model, model_name):
+        args.random_model = None  # built: the children read the directory
+        compare(args, model_name)
 
+
+def compare(args: argparse.Namespace, model_name: str) -> None:
+    """Every variant of the plan in its own child process on the checkpoint args.model; the table."""
     wall = Wall()
     missing = trl_available()
     if missing:
@@ -322,7 +340,7 @@ def main() -> None:
     precision = ("fp32" if args.dtype == "float32" else
                  "bf16 (ours: bf16 weights, fp32 master weights and AdamW states; TRL: bf16 weights and bf16 autocast)")
     body = (f"One GRPO step (rollout + rewards + reference log-probs + forward/backward + AdamW), "
-            f"SmolLM2-135M-Instruct (default model, HF layout), {precision}, CPU, {p} prompts x G={g} x <= {n} new tokens, "
+            f"{model_name}, {precision}, CPU, {p} prompts x G={g} x <= {n} new tokens, "
             f"temperature {TEMPERATURE}, beta {BETA} (reference model on both sides), lr {LR}, one update per "
             f"rollout, loss 'grpo', no gradient checkpointing, no torch.compile; multiply task 1x1 digits. "
             f"TRL: GRPOConfig(per_device_train_batch_size={p * g}, gradient_accumulation_steps=1, "

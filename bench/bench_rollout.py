@@ -4,6 +4,12 @@ or (--backends) the engine on its native C++ ops vs on the PyTorch reference ops
     python bench/bench_rollout.py                      # 2 and 8 multiply prompts x n=8 x 64 new tokens, fp32
     python bench/bench_rollout.py --prompts 2 --n 8 --max-new-tokens 64 --reps 3 --no-write
     python bench/bench_rollout.py --dtype bfloat16 --prompts 2 8 --reps 2 --backends --no-write
+    python bench/bench_rollout.py --model DIR          # any supported HF-layout checkpoint (default: SmolLM2-135M)
+    python bench/bench_rollout.py --random-model qwen3-0.6b --dtype bfloat16 --prompts 8 --no-write
+                                                       # random weights, Qwen3-0.6B's shapes, built on the spot
+
+--random-model SHAPE writes a random-weight checkpoint of bench/shapes.py's SHAPE (bf16, the small test
+tokenizer) into a temporary directory and benchmarks that: real widths and vocabulary, no download.
 
 Both sides do the same work: EOS is ignored (engine: ignore_eos; transformers: min_new_tokens =
 max_new_tokens), plain temperature sampling (transformers: top_k=0, top_p=1, num_return_sequences=n).
@@ -27,7 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import add_no_write, default_device, interleaved, markdown_table, publish  # noqa: E402
+from benchlib import (add_model_options, add_no_write, bench_model, default_device, interleaved,  # noqa: E402
+                      markdown_table, publish)
 
 import rlvr_fast  # noqa: E402
 from rlvr_fast import RolloutEngine, SamplingParams  # noqa: E402
@@ -74,22 +81,27 @@ def main() -> None:
     ap.add_argument("--backends", action="store_true",
                     help="CPU: time the engine on the native ops vs on the PyTorch reference ops "
                          "(instead of vs transformers)")
+    add_model_options(ap)
     add_no_write(ap)
     args = ap.parse_args()
     if args.backends and args.device != "cpu":
         ap.error("--backends compares the CPU rollout ops: use --device cpu")
     if args.backends and not HAS_NATIVE:
         ap.error(f"--backends needs the native CPU ops, which are {WHY_NOT}")
+    with bench_model(args) as (model_dir, model_name):
+        run(args, model_dir, model_name)
+
+
+def run(args: argparse.Namespace, model_dir: Path, model_name: str) -> None:
+    """Time the engine against transformers (or its two op backends) on the checkpoint in model_dir."""
 
     dtype = getattr(torch, args.dtype)
-    model, tok = rlvr_fast.load_pretrained(device=args.device, dtype=dtype)
+    model, tok = rlvr_fast.load_pretrained(model_dir, device=args.device, dtype=dtype)
     hf = None
     if not args.backends:
         from transformers import AutoModelForCausalLM
 
-        from rlvr_fast.checkpoint.default_model import default_model_dir
-
-        hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).to(args.device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     engine = RolloutEngine(model, tok)
 
     rows = []
@@ -126,7 +138,7 @@ def main() -> None:
         print(f"{count} prompts: {names[0]} {want / fast:.0f} tok/s, {names[1]} {want / ref:.0f} tok/s "
               f"({ref / fast:.2f}x); runs {runs}", file=sys.stderr, flush=True)
 
-    setup = (f"SmolLM2-135M-Instruct (default model), {args.dtype}, device {args.device}"
+    setup = (f"{model_name}, {args.dtype}, device {args.device}"
              + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else "")
              + f", temperature {args.temperature}, EOS ignored, medians of {args.reps} alternating runs. RolloutEngine "
              f"defaults (block size {engine.block_size}, {engine.num_blocks} KV blocks)")

@@ -69,6 +69,42 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model DIR and --random-model SHAPE (see bench_model)."""
+    p.add_argument("--model", type=Path, help="an HF-layout checkpoint directory of a supported family "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--random-model", metavar="SHAPE", help="build a random-weight bf16 checkpoint of "
+                   "bench/shapes.py's SHAPE (e.g. qwen3-0.6b) in a temporary directory and use that")
+
+
+@contextlib.contextmanager
+def bench_model(args: argparse.Namespace) -> Iterator[tuple[Path, str]]:
+    """(checkpoint directory, its name for a results table) from --model / --random-model; a random model's
+    directory is removed when the block ends."""
+    import tempfile
+
+    from shapes import SHAPES, describe, write_random_checkpoint
+
+    if args.model and args.random_model:
+        raise SystemExit("--model and --random-model both name the model: give one")
+    if args.random_model:
+        if args.random_model not in SHAPES:
+            raise SystemExit(f"--random-model {args.random_model!r}: not a shape of bench/shapes.py "
+                             f"({', '.join(SHAPES)})")
+        with tempfile.TemporaryDirectory(prefix="bench_random_model_") as tmp:
+            path = write_random_checkpoint(args.random_model, Path(tmp) / args.random_model)
+            yield path, f"{args.random_model} random weights ({describe(SHAPES[args.random_model])})"
+        return
+    if args.model:
+        if not (args.model / "config.json").is_file():
+            raise SystemExit(f"--model {args.model}: no config.json there; give a Hugging Face-layout checkpoint "
+                             "directory")
+        yield args.model.resolve(), f"{args.model.resolve().name} ({args.model})"
+        return
+    from rlvr_fast.checkpoint.default_model import default_model_dir
+    yield default_model_dir(), "SmolLM2-135M-Instruct (default model)"
+
+
 def add_no_write(p: argparse.ArgumentParser) -> None:
     """--no-write (also spelled --no-append): print the results without recording them in RESULTS.md."""
     p.add_argument("--no-write", "--no-append", dest="no_write", action="store_true",

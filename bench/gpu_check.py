@@ -18,6 +18,9 @@ that fails or hangs still leaves the others' results in the report:
 4. step     one GRPO step on the 1B shape (after one warm-up step): time split and peak memory.
 5. shared   shared-prompt training attention against plain varlen packing (bench/bench_shared_prompt.py):
             one layer at long completions, and one micro-step of the 1B shape with a long prompt.
+6. qwen3    a random-weight Qwen3 with Qwen3-0.6B's shapes (tied, q/k norms, head_dim 128, vocabulary 151,936):
+            logits against transformers' Qwen3ForCausalLM (2 layers, fp32), rollout tokens/s against
+            generate and greedy identity as in 3 (bf16), and one GRPO step as in 4.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from shapes import SHAPES, describe, shape as model_shape  # noqa: E402
 
 from rlvr_fast.model.config import LlamaConfig  # noqa: E402
 
-PARTS = {"tests": 180, "kernels": 80, "rollout": 120, "step": 100, "shared": 100}  # part -> time box (s) on a GPU
+PARTS = {"tests": 180, "kernels": 80, "rollout": 120, "step": 100, "shared": 100,  # part -> time box (s) on a GPU
+         "qwen3": 150}
 SMOKE_TEST = "tests/test_kernels_api.py::test_public_api"
 CUDA_TESTS = ["tests/test_kernels_token_logprobs.py", "tests/test_kernels_linear.py", "tests/test_kernels_grpo_loss.py",
               "tests/test_kernels_loss_variants.py", "tests/test_rollout_kernels.py", "tests/test_flash_attention.py",
@@ -68,8 +72,10 @@ def device_peaks(name: str) -> tuple[float | None, float | None]:
 # ----------------------------------------------------------------------------------------------- helpers
 
 def random_model(shape: LlamaConfig, device: torch.device, dtype: torch.dtype):
-    """bench/shapes.py's random-weight model, with an untied head."""
-    return shapes.random_model(dataclasses.replace(shape, tie_word_embeddings=False), device, dtype)
+    """bench/shapes.py's random-weight model; Llama shapes with an untied head (the 8B's layout at 1B widths),
+    Qwen3's tied as the 0.6B is."""
+    tied = shape.tie_word_embeddings and shape.model_type != "llama"
+    return shapes.random_model(dataclasses.replace(shape, tie_word_embeddings=tied), device, dtype)
 
 
 def save_random_checkpoint(model, path: Path) -> Path:
@@ -94,10 +100,10 @@ def part_tests(args, device: torch.device) -> str:
     return "\n".join(report)
 
 
-def model_parity(args, device: torch.device) -> str:
-    """Our logits vs transformers' LlamaForCausalLM, same random weights (2 layers at Llama-3.2-1B widths)."""
+def model_parity(args, device: torch.device, name: str = "llama-3.2-1b") -> str:
+    """Our logits vs transformers' model of the same family, same random weights (2 layers at `name`'s widths)."""
     import transformers
-    shape = model_shape("tiny" if args.smoke else "llama-3.2-1b", num_hidden_layers=2)
+    shape = model_shape(smoke_shape(args, name), num_hidden_layers=2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_checkpoint(random_model(shape, torch.device("cpu"), torch.float32), Path(tmp) / "model")
@@ -228,12 +234,17 @@ def part_kernels(args, device: torch.device) -> str:
     return head + table(["op", "shape", "ours (ms)", "achieved", "of peak", "peer (ms)", "vs"], rows)
 
 
-def part_rollout(args, device: torch.device) -> str:
+def smoke_shape(args, name: str) -> str:
+    """`name`, or its tiny stand-in of the same family under --smoke."""
+    return name if not args.smoke else "qwen3-tiny" if name.startswith("qwen3") else "tiny"
+
+
+def part_rollout(args, device: torch.device, name: str = "llama-3.2-1b", sizes: tuple = (8, 8, 256)) -> str:
     import transformers
     from bench_rollout import hf_generate
     from rlvr_fast import RolloutEngine, SamplingParams
-    shape = SHAPES["tiny" if args.smoke else "llama-3.2-1b"]
-    prompts, n, new = (2, 2, 8) if args.smoke else (8, 8, 256)
+    shape = SHAPES[smoke_shape(args, name)]
+    prompts, n, new = (2, 2, 8) if args.smoke else sizes
     dt = torch.float32 if args.smoke else torch.bfloat16
     rows, lines = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,12 +314,12 @@ class ParityTask:
         return {"correct": float(zlib.crc32(completion.encode()) % 2)}
 
 
-def part_step(args, device: torch.device) -> str:
+def part_step(args, device: torch.device, name: str = "llama-3.2-1b", sizes: tuple = (8, 8, 256)) -> str:
     from rlvr_fast.grpo.config import TrainConfig
     from rlvr_fast.grpo.trainer import GRPOTrainer
     from rlvr_fast.tokenizer import Tokenizer
-    shape = SHAPES["tiny" if args.smoke else "llama-3.2-1b"]
-    p, gsize, new = (2, 2, 8) if args.smoke else (8, 8, 256)
+    shape = SHAPES[smoke_shape(args, name)]
+    p, gsize, new = (2, 2, 8) if args.smoke else sizes
     dt = torch.float32 if args.smoke else torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
         path = save_random_checkpoint(random_model(shape, torch.device("cpu"), torch.float32), Path(tmp) / "model")
@@ -346,8 +357,15 @@ def part_shared(args, device: torch.device) -> str:
     return f"`{' '.join(cmd[1:]).replace(str(ROOT) + '/', '')}`\n\n{tables.strip()}"
 
 
+def part_qwen3(args, device: torch.device) -> str:
+    """Parts 1's logits, 3 and 4 on Qwen3-0.6B's shapes, smaller batches so that the three fit one time box."""
+    return "\n\n".join([model_parity(args, device, "qwen3-0.6b"),
+                         "Rollout: " + part_rollout(args, device, "qwen3-0.6b", (8, 8, 128)),
+                         "GRPO step: " + part_step(args, device, "qwen3-0.6b", (8, 4, 128))])
+
+
 PART_FNS = {"tests": part_tests, "kernels": part_kernels, "rollout": part_rollout, "step": part_step,
-            "shared": part_shared}
+            "shared": part_shared, "qwen3": part_qwen3}
 
 
 # ----------------------------------------------------------------------------------------------- driver

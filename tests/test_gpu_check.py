@@ -14,8 +14,9 @@ def test_gpu_check_smoke(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = out.read_text()
-    for part in ("tests", "kernels", "rollout", "step", "shared"):
+    for part in ("tests", "kernels", "rollout", "step", "shared", "qwen3"):
         assert f"## {part}: ok" in report, report
     assert "error:" not in report, report                     # no kernel row failed
-    assert "2/2 sequences identical to transformers" in report, report
+    assert report.count("2/2 sequences identical to transformers") == 2, report  # Llama's and Qwen3's rollouts
+    assert "qwen3, h 64" in report, report
     assert "| time_update_s |" in report and "missing" not in report, report

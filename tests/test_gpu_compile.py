@@ -23,10 +23,13 @@ import pytest
 
 ALL = os.environ.get("RLVR_FAST_GPU_COMPILE_ALL") == "1"
 TARGETS = (80, 90, 100)
-VOCABS = (32000, 49152, 128256, 151936)
+VOCABS = (32000, 49152, 128256, 151936)  # Llama 2, SmolLM2, Llama 3, Qwen2/2.5/3 (Qwen2.5-7B's 152064 compiles the same)
 DTYPES = ("float32", "bfloat16", "float16")
-# (query heads, kv heads, head_dim): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B.
-HEAD_SHAPES = ((9, 3, 64), (32, 8, 64), (32, 8, 128))
+# (query heads, kv heads, head_dim): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B (= Qwen3-8B); Qwen3-0.6B (2 query
+# heads per kv head at head_dim 128); Qwen2.5-0.5B and Qwen2.5-7B (7 per kv head: the paged kernel's group block
+# of 8, masked, which spilled at 4 warps on sm_90: see decode_warps). Only the paged decode kernel and the KV
+# write compile per head shape; flash_attention per head_dim (tests/test_flash_attention.py: 64 and 128).
+HEAD_SHAPES = ((9, 3, 64), (32, 8, 64), (32, 8, 128), (16, 8, 128), (14, 2, 64), (28, 4, 128))
 GRPO_FLAGS = ("old", "ref", "delta", "tis", "seq")          # grpo_loss: each an option of the loss
 FUSED_FLAGS = ("old", "ref", "delta", "tis", "entropy", "logp")  # fused_linear_grpo_loss (token level)
 TRITON = 'backend="triton"'
@@ -61,7 +64,10 @@ def grpo_inputs(b, t, dtype=torch.float32):
 def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
     """The child's program as a list of cases, and per case the kernels it must compile with their
     expected launch configuration (the launchers' own config functions, on CUDA)."""
+    import triton
+
     from rlvr_fast.kernels._common import row_config
+    from rlvr_fast.kernels.paged_attention import decode_warps
 
     lines, expect = [PRELUDE], [[]]
 
@@ -111,11 +117,11 @@ def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
         row("_rows_fwd_kernel", dtype, VOCABS[1], ENTROPY=entropy)
         row("_rows_bwd_kernel", dtype, VOCABS[1], ENTROPY=entropy)
 
-    # Sampling: temperature and greedy rows.
-    for dtype, greedy in itertools.product(DTYPES, (False, True)):
-        case(f"_sample_triton(torch.randn(4, {VOCABS[2]}).to(torch.{dtype}), torch.arange(4), "
+    # Sampling: temperature and greedy rows, at Llama 3's and Qwen's vocabularies.
+    for dtype, greedy, vocab in itertools.product(DTYPES, (False, True), VOCABS[2:]):
+        case(f"_sample_triton(torch.randn(4, {vocab}).to(torch.{dtype}), torch.arange(4), "
                      f"{0.0 if greedy else 0.8})")
-        row("_sample_kernel", dtype, VOCABS[2], GREEDY=greedy)
+        row("_sample_kernel", dtype, vocab, GREEDY=greedy)
 
     # Rollout attention: the KV-cache write and paged decode attention, per model's head shape.
     for (hq, hkv, d), dtype in itertools.product(HEAD_SHAPES, ("bfloat16", "float16", "float32")):
@@ -126,7 +132,8 @@ def compile_code() -> tuple[list[str], list[list[tuple[str, dict]]]]:
                      f"torch.arange(6, dtype=torch.int32).view(3, 2), torch.tensor([20, 9, 32], dtype=torch.int32), "
                      f"{d ** -0.5})")
         expect[-1].append(("_write_kv_kernel", {"heads": (hq, hkv, d), "dtype": dtype}))
-        expect[-1].append(("_paged_attention_kernel", {"heads": (hq, hkv, d), "dtype": dtype}))
+        expect[-1].append(("_paged_attention_kernel", {"heads": (hq, hkv, d), "dtype": dtype,
+                                                        "num_warps": decode_warps(triton.next_power_of_2(hq // hkv))}))
     return lines, expect
 
 
