@@ -267,6 +267,8 @@ def main() -> None:
     if args.child:  # the parent passes --model: the directory it resolved
         emit((child_ours if args.child == "ours" else child_trl)(args))
         return
+    # A model other than the default gets its own RESULTS.md section, named after it.
+    args.title_model = args.random_model or (Path(args.model).name if args.model else None)
     with bench_model(args) as (args.model, model_name):
         args.random_model = None  # built: the children read the directory
         compare(args, model_name)
@@ -367,7 +369,8 @@ def compare(args: argparse.Namespace, model_name: str) -> None:
               f"TRL: TrainerCallback on_step_begin -> on_step_end); peak memory = peak RSS of that process (getrusage "
               f"ru_maxrss, model loading included); load average at start {wall.load[0]:.2f}, at end "
               f"{load_end[0]:.2f} (machine possibly shared)")
-    publish(f"GRPO step: ours vs TRL GRPOTrainer, {args.new_tokens} new tokens, {args.dtype}", body, "cpu",
+    model = f", {args.title_model}" if args.title_model else ""
+    publish(f"GRPO step: ours vs TRL GRPOTrainer, {args.new_tokens} new tokens, {args.dtype}{model}", body, "cpu",
             not args.no_write, method=method, packages=("transformers", "trl", "accelerate", "datasets"))
 
 

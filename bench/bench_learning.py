@@ -54,7 +54,9 @@ PLOTS = Path(__file__).resolve().parent / "learning"
 # multiplication ...".
 COLD_START_RECIPE = ["--no-curriculum", "--cold-start-lr", "1.5e-4", "--cold-start-schedule", "cosine",
                      "--cold-start-batch", "8", "--prompts-per-step",
-                     "4", "--temperature", "1.0", "--clip-high", "0.28", "--beta", "0", "--lr", "1e-5"]  # 3e-5 undid its gains
+                     "4", "--temperature", "1.0", "--clip-high", "0.28", "--beta", "0", "--lr", "1e-6"]
+# GRPO's lr: after a constant-lr cold start 1e-5 added +0.1 and 3e-5 undid it; after the decayed one 1e-5 lost
+# 0.18 at 4x2 in 5 steps, 3e-6 a little, 1e-6 held it (docs/multiply-history.md).
 RUNS: dict[str, list[str]] = {
     "1x1": [],  # the main command's defaults
     "2x2": ["--digits", "2", "2", *COLD_START_RECIPE, "--cold-start-steps", "150", "--max-new-tokens", "128",

@@ -154,6 +154,8 @@ def run(args: argparse.Namespace, model_dir: Path, model_name: str) -> None:
                   "transformers s"]
         body = (f"{setup}; transformers generate with num_return_sequences={args.n}, "
                 "min_new_tokens=max_new_tokens.")
+    if args.model or args.random_model:  # its own section: the default model's table stays beside it
+        title += f" ({args.random_model or Path(args.model).name})"
     header += ["engine steps (prefill + decode)", "preemptions"]
     body += " No memory measured by this script.\n\n" + markdown_table(header, rows)
     publish(title, body, "cuda" if args.device == "cuda" else "cpu", not args.no_write)
