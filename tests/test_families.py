@@ -67,9 +67,11 @@ def ids_batch(shape, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(tmp_path, case):
-    path, hf = hf_checkpoint(tmp_path, case)
+# Every case from one file; each family also from shards that transformers wrote (model.safetensors.index.json).
+@pytest.mark.parametrize("case, shard", [(c, None) for c in CASES] + [(f, "60KB") for f in FAMILY_CASES])
+def test_logits_match_transformers(tmp_path, case, shard):
+    path, hf = hf_checkpoint(tmp_path, case, max_shard_size=shard)
+    assert (path / "model.safetensors.index.json").is_file() == (shard is not None)
     model = load_model(path)
     assert model.config.model_type == CASES[case][0]
     ids = ids_batch((3, 40))
@@ -122,16 +124,6 @@ def test_transformers_loads_what_we_save_as_the_same_family(tmp_path, family, dt
         ids = ids_batch((2, 23))
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, model(ids), atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", FAMILY_CASES)
-def test_sharded_checkpoint_loads(tmp_path, family):
-    path, hf = hf_checkpoint(tmp_path, family, max_shard_size="60KB")
-    assert (path / "model.safetensors.index.json").is_file()
-    model = load_model(path)
-    ids = ids_batch((1, 17))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), hf(ids).logits, atol=2e-5, rtol=1e-5)
 
 
 # ---- rollouts and training ----

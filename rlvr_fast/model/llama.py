@@ -186,7 +186,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, batch: PackedBatch | None,
              cache: KVCacheContext | None = None) -> torch.Tensor:
-        if cache is None:  # the rollout engine checks its sequences' lengths once, up front
+        # A sliding window is refused past its length (config.py); the rollout engine checks once, up front,
+        # and a model without a window skips longest_sequence's per-prompt loop on every training forward.
+        if cache is None and self.config.attention_window is not None:
             self.config.check_length(batch.longest_sequence)
         x = self.model.embed_tokens(input_ids)
         inv_freq = self._inv_freq.to(x.device)
